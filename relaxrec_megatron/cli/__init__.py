@@ -1,0 +1,1 @@
+"""The `relaxrec` command line: a thin layer over the pipeline stages."""

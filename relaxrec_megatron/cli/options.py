@@ -1,0 +1,61 @@
+"""Argument groups shared by several commands."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..errors import UserError
+from ..hf.arch import LINEARS
+from ..hf.convert import RecursionSpec
+from ..recursion import InitMethod, Strategy
+from ..recursion.lora import LoraInit
+
+
+def parse_rank(text: str) -> int:
+    if text in ("full", "-1"):
+        return -1
+    try:
+        r = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"rank must be an integer >= 0 or 'full', got {text!r}") from None
+    if r < 0:
+        raise argparse.ArgumentTypeError(f"rank must be >= 0 or 'full', got {r}")
+    return r
+
+
+def parse_module_rank(text: str) -> tuple[str, int]:
+    module, sep, rank = text.partition("=")
+    if not sep or module not in LINEARS:
+        raise argparse.ArgumentTypeError(f"expected MODULE=RANK with MODULE in {','.join(LINEARS)}, got {text!r}")
+    return module, parse_rank(rank)
+
+
+def parse_targets(text: str) -> tuple[str, ...]:
+    targets = tuple(t for t in text.split(",") if t)
+    bad = [t for t in targets if t not in LINEARS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown LoRA target {bad[0]!r}; choose from {','.join(LINEARS)}")
+    return targets
+
+
+def add_recursion_args(p: argparse.ArgumentParser, rank_help: str = "LoRA rank for every target (0: pure recursive; 'full')") -> None:
+    g = p.add_argument_group("recursion")
+    g.add_argument("--loops", type=int, default=2, help="B: times the shared block runs (must divide the layer count)")
+    g.add_argument("--strategy", choices=[s.value for s in Strategy], default="cycle")
+    g.add_argument("--init", choices=[m.value for m in InitMethod], default="average", help="shared-layer init")
+    g.add_argument("--module-rank", type=parse_module_rank, action="append", default=[], metavar="MODULE=RANK",
+                   help="per-module rank override, repeatable (e.g. --module-rank down=128)")
+    g.add_argument("--lora-init", choices=[m.value for m in LoraInit], default="svd")
+    g.add_argument("--targets", type=parse_targets, default=None, help=f"comma list of LoRA targets (default: all of {','.join(LINEARS)} the model has)")
+    g.add_argument("--per-layer-norms", action="store_true", help="keep every unrolled layer's own norm weights")
+    g.add_argument("--per-layer-biases", action="store_true", help="keep every unrolled layer's own linear biases")
+
+
+def recursion_spec(args: argparse.Namespace, rank: int) -> RecursionSpec:
+    if args.loops < 1:
+        raise UserError(f"--loops must be >= 1, got {args.loops}")
+    return RecursionSpec(
+        loops=args.loops, strategy=args.strategy, init=args.init, rank=rank, module_ranks=dict(args.module_rank),
+        lora_init=args.lora_init, targets=args.targets, share_norms=not args.per_layer_norms,
+        share_biases=not args.per_layer_biases,
+    )

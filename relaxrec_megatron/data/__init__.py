@@ -1,0 +1,1 @@
+"""Data: corpora and tokenization."""

