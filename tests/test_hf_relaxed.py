@@ -30,7 +30,7 @@ def logits(model, ids):
 
 
 def ids_batch(seed=0, shape=(2, 13)):
-    return torch.randint(0, 97, shape, generator=torch.Generator().manual_seed(seed))
+    return torch.randint(0, 96, shape, generator=torch.Generator().manual_seed(seed))
 
 
 def full_rank_spec(strategy, loops=2):

@@ -12,7 +12,7 @@ ARCHS = ("llama", "gemma", "gpt_neox")
 
 
 def tiny_config(arch: str, layers: int = 4):
-    common = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+    common = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
                   num_attention_heads=4, max_position_embeddings=128)
     if arch == "llama":
         return LlamaConfig(**common, num_key_value_heads=2, tie_word_embeddings=False, rms_norm_eps=1e-5,

@@ -1,6 +1,10 @@
-"""relaxrec convert SOURCE OUTPUT: HF checkpoint -> relaxed recursive HF checkpoint."""
+"""relaxrec convert SOURCE OUTPUT: HF checkpoint -> relaxed recursive HF or Megatron dist checkpoint."""
 
 from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
 
 from ..hf.convert import convert_to_relaxed, format_report
 from .options import add_recursion_args, parse_rank, recursion_spec
@@ -9,20 +13,42 @@ from .options import add_recursion_args, parse_rank, recursion_spec
 def add_parser(sub) -> None:
     p = sub.add_parser("convert", help="HF checkpoint -> relaxed recursive HF checkpoint",
                        description="Convert an HF checkpoint (local folder or hub id) into a relaxed recursive one.")
-    p.add_argument("source", help="HF checkpoint folder or hub repo id (Llama, Gemma, GPT-NeoX)")
+    p.add_argument("source", help="HF checkpoint folder or hub repo id (Llama, Gemma, GPT-NeoX); with --to megatron "
+                                  "also a relaxed recursive checkpoint (converted as it is)")
     p.add_argument("output", help="output folder (written atomically)")
     add_recursion_args(p)
     p.add_argument("--rank", type=parse_rank, default=0, help="LoRA rank for every target (0: pure recursive; 'full')")
     p.add_argument("--dtype", default="auto", help="output dtype: auto (the source's), bf16, fp16, fp32")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.add_argument("--to", choices=["hf", "megatron"], default="hf",
+                   help="hf: relaxed recursive HF checkpoint; megatron: dist checkpoint (torch_dist) that loads at any TP/PP")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no table")
     p.set_defaults(run=run)
 
 
+def _is_relaxed(source: str) -> bool:
+    cfg = Path(source) / "config.json"
+    return cfg.is_file() and json.loads(cfg.read_text()).get("model_type") == "relaxed_recursive"
+
+
 def run(args) -> int:
-    report = convert_to_relaxed(args.source, args.output, recursion_spec(args, args.rank), dtype=args.dtype,
-                                overwrite=args.overwrite, progress=not args.quiet)
+    if args.to == "megatron":
+        from ..model.convert_megatron import relaxed_to_megatron
+
+        if _is_relaxed(args.source):
+            relaxed_to_megatron(args.source, args.output, overwrite=args.overwrite)
+        else:
+            with tempfile.TemporaryDirectory(dir=Path(args.output).expanduser().resolve().parent) as tmp:
+                report = convert_to_relaxed(args.source, Path(tmp) / "relaxed", recursion_spec(args, args.rank),
+                                            dtype=args.dtype, progress=not args.quiet)
+                relaxed_to_megatron(Path(tmp) / "relaxed", args.output, overwrite=args.overwrite)
+            if not args.quiet:
+                print(format_report(report))
+    else:
+        report = convert_to_relaxed(args.source, args.output, recursion_spec(args, args.rank), dtype=args.dtype,
+                                    overwrite=args.overwrite, progress=not args.quiet)
+        if not args.quiet:
+            print(format_report(report))
     if not args.quiet:
-        print(format_report(report))
         print(f"wrote {args.output}")
     return 0

@@ -10,7 +10,7 @@ GLOBAL_PATHS = {
     "final_norm.bias": "model.norm.bias",
     "lm_head.weight": "lm_head.weight",
 }
-_GROUP = {"q": "attn", "k": "attn", "v": "attn", "o": "attn", "gate": "mlp", "up": "mlp", "down": "mlp"}
+_GROUP = {"qkv": "attn", "q": "attn", "k": "attn", "v": "attn", "o": "attn", "gate": "mlp", "up": "mlp", "down": "mlp"}
 
 
 def is_norm(canon: str) -> bool:

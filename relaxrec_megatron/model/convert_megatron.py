@@ -1,0 +1,95 @@
+"""Relaxed HF checkpoint <-> Megatron dist checkpoint, without building a model (one process).
+
+The dist checkpoint holds the canonical tensors unsharded; megatron's dist_checkpointing
+reshards them on load into any TP/PP layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..hf.checkpoint import CheckpointReader, ShardedWriter, atomic_output_dir, copy_side_files
+from ..hf.convert import REMOTE_CODE, REPORT_FILE
+from ..hf.export import open_relaxed
+from .checkpoint import CONFIG_FILE, read_config
+from .state_adapter import canonical_getter, fused_name, qkv_members, split_qkv
+
+
+@contextlib.contextmanager
+def single_process_group():
+    """dist_checkpointing needs a process group; make a 1-rank gloo one if there is none."""
+    if dist.is_initialized():
+        yield
+        return
+    from ..parallel import cpu_mode
+    from ..parallel.distributed import free_port
+
+    cpu_mode.enable()
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def relaxed_to_megatron(relaxed: str | Path, output: str | Path, overwrite: bool = False) -> Path:
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    reader = open_relaxed(relaxed)
+    get = canonical_getter(reader.get, reader.config["num_key_value_heads"])
+    with atomic_output_dir(output, overwrite) as tmp, single_process_group():
+        names = sorted({fused_name(n) for n in reader.names()})
+        state = {n: ShardedTensor.from_rank_offsets(n, get(n), replica_id=0) for n in names}
+        dist_checkpointing.save(state, str(tmp))
+        (tmp / CONFIG_FILE).write_text(json.dumps(reader.config, indent=1))
+        copy_side_files(reader.root, tmp)
+        if (reader.root / REPORT_FILE).is_file():
+            shutil.copy2(reader.root / REPORT_FILE, tmp / REPORT_FILE)
+    return Path(output)
+
+
+def megatron_to_relaxed(checkpoint: str | Path, output: str | Path, overwrite: bool = False) -> Path:
+    from megatron.core import dist_checkpointing
+
+    config = read_config(checkpoint)
+    groups, heads, hd = config["num_key_value_heads"], config["num_attention_heads"], config["head_dim"]
+    with single_process_group():
+        tensors = dist_checkpointing.load_plain_tensors(str(checkpoint))
+    relaxed: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        members = qkv_members(name)
+        if members is None:
+            relaxed[name] = t
+        else:
+            relaxed.update(zip(members, split_qkv(t, groups, heads * hd, groups * hd)))
+    with atomic_output_dir(output, overwrite) as tmp:
+        writer = ShardedWriter(tmp)
+        by_shard: dict[str, dict[str, torch.Tensor]] = {}
+        plan = config["layer_plan"]
+        for name, t in relaxed.items():
+            m = re.match(r"model\.(layers|relax)\.(\d+)\.", name)
+            shard = "globals" if not m else f"layer-{(int(m.group(2)) if m.group(1) == 'layers' else plan[int(m.group(2))][0]):05d}"
+            by_shard.setdefault(shard, {})[name] = t
+        for shard, part in sorted(by_shard.items()):
+            writer.write(f"model-{shard}.safetensors", part)
+        writer.finish()
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        here = Path(__file__).resolve().parents[1] / "hf"
+        for name in REMOTE_CODE:
+            shutil.copy2(here / name, tmp / name)
+        copy_side_files(Path(checkpoint), tmp)
+        if (Path(checkpoint) / REPORT_FILE).is_file():
+            shutil.copy2(Path(checkpoint) / REPORT_FILE, tmp / REPORT_FILE)
+    CheckpointReader(output)  # the result must read back
+    return Path(output)

@@ -1,0 +1,94 @@
+"""RelaxedRecursiveGPTModel: embedding (with the source's scale), recursive decoder, output layer."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from megatron.core import parallel_state as ps
+from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
+from megatron.core.models.common.language_module.language_module import LanguageModule
+from megatron.core.tensor_parallel import ColumnParallelLinear, gather_from_tensor_model_parallel_region
+from megatron.core.transformer.enums import ModelType
+
+from ..errors import UserError
+from ..hf.configuration_relaxrec import RelaxedRecursiveConfig
+from ..hf.modeling_relaxrec import RotaryEmbedding
+from .decoder import RecursiveDecoder
+from .settings import RelaxedSettings
+
+
+class RopeFreqs(nn.Module):
+    """megatron's rotary input (s, 1, 1, rot_dim), from the same inv_freq as the HF reference."""
+
+    def __init__(self, settings: RelaxedSettings):
+        super().__init__()
+        hf = RotaryEmbedding(RelaxedRecursiveConfig(**_config_fields(settings.hf)))
+        if hf.attention_scaling != 1.0:
+            raise UserError(f"rope with attention scaling {hf.attention_scaling} is not supported by the Megatron model")
+        self.register_buffer("inv_freq", hf.inv_freq.clone(), persistent=False)
+
+    def forward(self, seq_len: int) -> torch.Tensor:
+        pos = torch.arange(seq_len, device=self.inv_freq.device, dtype=torch.float32)
+        freqs = torch.outer(pos, self.inv_freq.float())
+        return torch.cat((freqs, freqs), dim=-1)[:, None, None, :]
+
+
+def _config_fields(hf: dict) -> dict:
+    keep = set(RelaxedRecursiveConfig.__dataclass_fields__)
+    return {k: v for k, v in hf.items() if k in keep and k not in ("dtype",)}
+
+
+class RelaxedRecursiveGPTModel(LanguageModule):
+    def __init__(self, config, settings: RelaxedSettings, pre_process: bool = True, post_process: bool = True,
+                 use_te: bool = False):
+        super().__init__(config=config)
+        self.model_type = ModelType.encoder_or_decoder  # read by megatron's pipeline schedules
+        self.settings = settings
+        self.pre_process, self.post_process = pre_process, post_process
+        self.share_embeddings_and_output_weights = bool(settings.tie_word_embeddings)
+        self.embedding_multiplier = float(settings.embedding_multiplier)
+        vocab = settings.vocab_size
+        if pre_process:
+            self.embedding = LanguageModelEmbedding(config, vocab, settings.max_position_embeddings,
+                                                    position_embedding_type="rope")
+        self.rope = RopeFreqs(settings)
+        self.decoder = RecursiveDecoder(config, settings, ps.get_pipeline_model_parallel_rank(), post_process,
+                                        use_te=use_te)
+        if post_process:
+            self.output_layer = ColumnParallelLinear(
+                config.hidden_size, vocab, config=config, init_method=config.init_method, bias=False,
+                skip_bias_add=False, gather_output=False,
+                skip_weight_param_allocation=pre_process and self.share_embeddings_and_output_weights)
+        if pre_process or post_process:
+            self.setup_embeddings_and_output_layer()
+
+    def set_input_tensor(self, input_tensor) -> None:
+        if isinstance(input_tensor, (list, tuple)):
+            input_tensor = input_tensor[0]
+        self.decoder.set_input_tensor(input_tensor)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                gather_logits: bool = False):
+        """input_ids (b, s) -> per-token loss (b, s) with labels, else logits (b, s, vocab[/TP])."""
+        b, s = input_ids.shape
+        hidden = None
+        if self.pre_process:
+            if position_ids is None:
+                position_ids = torch.arange(s, device=input_ids.device)[None].expand(b, -1)
+            hidden = self.embedding(input_ids=input_ids, position_ids=position_ids)  # (s, b, h)
+            if self.embedding_multiplier != 1.0:
+                hidden = hidden * torch.tensor(self.embedding_multiplier, dtype=hidden.dtype)
+        if attention_mask is None:
+            attention_mask = torch.triu(torch.ones(s, s, dtype=torch.bool, device=input_ids.device), 1)[None, None]
+        hidden = self.decoder(hidden, attention_mask, self.rope(s))
+        if not self.post_process:
+            return hidden
+        weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+        logits, _ = self.output_layer(hidden, weight=weight)
+        if labels is not None:
+            return self.compute_language_model_loss(labels, logits)
+        if gather_logits:
+            logits = gather_from_tensor_model_parallel_region(logits)
+        return logits.transpose(0, 1).contiguous()

@@ -1,0 +1,167 @@
+"""Column- and row-parallel linears that carry one LoRA per loop (and optionally one bias per loop).
+
+Layouts under tensor parallelism (as Megatron-Bridge's ParallelLinearAdapter):
+
+| base            | A                          | B                     |
+| column-parallel | (r, d_in), input replicated | (d_out / TP, r)      |
+| row-parallel    | (r, d_in / TP)             | (d_out, r), replicated |
+
+Column side: z = A x is computed once per rank and B_local z gives this rank's output rows; with
+sequence parallelism z (r wide, not h) is what gets all-gathered. Row side: B (A_local x_local) is a
+partial sum like the base output, so it is added *before* the base's all-reduce / reduce-scatter
+and LoRA adds no collective; B's gradient is then a partial sum too, and `relaxrec_tp_sum_grad`
+tells `parallel.grads.finalize_grads` to sum it over TP.
+
+A fused output (linear_qkv, linear_fc1) is several modules: q, k, v interleaved per query group
+[q heads of g, k_g, v_g], and [gate_i; up_i] on each TP rank. Each module has its own A and B.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from megatron.core import parallel_state as ps
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
+)
+
+
+class LoopAware:
+    """A module whose parameters depend on the loop being run; the decoder sets `active_loop`."""
+
+    active_loop: int = 0
+
+
+def _key(module: str, loop: int) -> str:
+    return f"{module}_{loop}"
+
+
+class LoopLora(nn.Module):
+    """The per-loop factors of one linear: lora_A[f"{module}_{loop}"], lora_B[...]."""
+
+    def __init__(self, shapes: dict[str, tuple[int, int]], ranks: dict[str, int], loops, dtype):
+        super().__init__()
+        self.modules_ = [m for m in shapes if ranks.get(m, 0) > 0]
+        self.ranks = {m: ranks[m] for m in self.modules_}
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        for loop in loops:
+            for m in self.modules_:
+                d_out, d_in = shapes[m]  # local shapes
+                self.lora_A[_key(m, loop)] = nn.Parameter(torch.zeros(self.ranks[m], d_in, dtype=dtype))
+                self.lora_B[_key(m, loop)] = nn.Parameter(torch.zeros(d_out, self.ranks[m], dtype=dtype))
+
+    def __bool__(self) -> bool:
+        return bool(self.modules_)
+
+
+class LoraColumnParallelLinear(ColumnParallelLinear, LoopAware):
+    """Column-parallel linear (+ per-loop LoRA, + per-loop bias) whose output may fuse several modules."""
+
+    def __init__(self, input_size, output_size, *, config, init_method, lora_modules: tuple[str, ...],
+                 lora_ranks: dict[str, int], loops: tuple[int, ...], per_loop_bias: bool = False,
+                 heads_per_group: int = 0, bias: bool = True, **kwargs):
+        super().__init__(input_size, output_size, config=config, init_method=init_method,
+                         bias=bias and not per_loop_bias, **kwargs)
+        tp = ps.get_tensor_model_parallel_world_size()
+        self.lora_modules, self.heads_per_group = lora_modules, heads_per_group
+        self.local_out = output_size // tp
+        # TP > query groups (e.g. MQA): a rank's rows are a slice of one group, so the q/k/v B factors
+        # are kept whole on every rank and the rank takes its rows of the fused LoRA output
+        self.lora_replicated = lora_modules == ("q", "k", "v") and config.num_query_groups % tp != 0
+        self.tp_rank = ps.get_tensor_model_parallel_rank()
+        self.shapes = self._lora_shapes(input_size, output_size if self.lora_replicated else self.local_out)
+        self.lora = LoopLora(self.shapes, lora_ranks, loops, config.params_dtype)
+        self.loop_bias = nn.ParameterDict({str(b): nn.Parameter(torch.zeros(self.local_out, dtype=config.params_dtype))
+                                           for b in loops}) if per_loop_bias and bias else None
+        for p in self.lora.lora_A.values():
+            p.relaxrec_tp_sum_grad = self.sequence_parallel  # A sees only this rank's tokens under SP
+        for p in self.lora.lora_B.values():
+            p.relaxrec_tp_sum_grad = self.lora_replicated  # each rank's gradient covers its rows only
+
+    def _lora_shapes(self, d_in: int, out: int) -> dict[str, tuple[int, int]]:
+        if self.lora_modules == ("q", "k", "v"):
+            hd = self.config.kv_channels
+            groups = out // ((self.heads_per_group + 2) * hd)
+            return {"q": (groups * self.heads_per_group * hd, d_in), "k": (groups * hd, d_in), "v": (groups * hd, d_in)}
+        share = out // len(self.lora_modules)
+        return {m: (share, d_in) for m in self.lora_modules}
+
+    def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
+        loop, lora = self.active_loop, self.lora
+        A = torch.cat([lora.lora_A[_key(m, loop)] for m in lora.modules_])
+        z = torch.matmul(x, A.t())
+        z = gather_from_sequence_parallel_region(z, group=self.tp_group) if self.sequence_parallel \
+            else copy_to_tensor_model_parallel_region(z, group=self.tp_group)
+        parts = dict(zip(lora.modules_, z.split([lora.ranks[m] for m in lora.modules_], dim=-1)))
+        outs = {}
+        for m in self.lora_modules:
+            if m in parts:
+                outs[m] = torch.matmul(parts[m], lora.lora_B[_key(m, loop)].t())
+            else:
+                outs[m] = z.new_zeros(*z.shape[:-1], self.shapes[m][0])
+        if self.lora_modules == ("q", "k", "v"):
+            hd, lead = self.config.kv_channels, z.shape[:-1]
+            groups = self.shapes["k"][0] // hd
+            q = outs["q"].view(*lead, groups, self.heads_per_group * hd)
+            k, v = outs["k"].view(*lead, groups, hd), outs["v"].view(*lead, groups, hd)
+            fused = torch.cat([q, k, v], dim=-1).view(*lead, -1)
+            if self.lora_replicated:
+                fused = fused[..., self.tp_rank * self.local_out:(self.tp_rank + 1) * self.local_out]
+            return fused
+        return torch.cat([outs[m] for m in self.lora_modules], dim=-1)
+
+    def forward(self, input_, **kwargs):
+        out, bias = super().forward(input_, **kwargs)
+        if self.lora:
+            out = out + self.lora_delta(input_)
+        if self.loop_bias is not None:
+            loop_bias = self.loop_bias[str(self.active_loop)]
+            if self.skip_bias_add:
+                bias = loop_bias
+            else:
+                out = out + loop_bias
+        return out, bias
+
+
+class LoraRowParallelLinear(RowParallelLinear, LoopAware):
+    """Row-parallel linear whose per-loop LoRA is added before the TP reduction."""
+
+    def __init__(self, input_size, output_size, *, config, init_method, lora_modules: tuple[str, ...],
+                 lora_ranks: dict[str, int], loops: tuple[int, ...], per_loop_bias: bool = False,
+                 bias: bool = True, **kwargs):
+        super().__init__(input_size, output_size, config=config, init_method=init_method,
+                         bias=bias and not per_loop_bias, **kwargs)
+        tp = ps.get_tensor_model_parallel_world_size()
+        (module,) = lora_modules
+        self.module = module
+        self.lora = LoopLora({module: (output_size, input_size // tp)}, lora_ranks, loops, config.params_dtype)
+        self.loop_bias = nn.ParameterDict({str(b): nn.Parameter(torch.zeros(output_size, dtype=config.params_dtype))
+                                           for b in loops}) if per_loop_bias and bias else None
+        for p in self.lora.lora_B.values():
+            p.relaxrec_tp_sum_grad = tp > 1
+        for p in (self.loop_bias or {}).values():  # added after the reduce-scatter: a partial sum under SP
+            p.sequence_parallel = self.sequence_parallel
+
+    def forward(self, input_):
+        assert self.input_is_parallel, "relaxed recursive layers feed row-parallel linears a parallel input"
+        out = self._forward_impl(input=input_, weight=self.weight, bias=None,
+                                 gradient_accumulation_fusion=self.gradient_accumulation_fusion,
+                                 allreduce_dgrad=False, sequence_parallel=False, tp_group=None,
+                                 grad_output_buffer=None, gtp_remat_size=self.gtp_remat_size)
+        if self.lora:
+            key = _key(self.module, self.active_loop)
+            out = out + torch.matmul(torch.matmul(input_, self.lora.lora_A[key].t()), self.lora.lora_B[key].t())
+        if self.sequence_parallel:
+            out = reduce_scatter_to_sequence_parallel_region(out, group=self.tp_group)
+        else:
+            out = reduce_from_tensor_model_parallel_region(out, group=self.tp_group)
+        bias = self.loop_bias[str(self.active_loop)] if self.loop_bias is not None else self.bias
+        if self.skip_bias_add:
+            return out, bias
+        return (out + bias if bias is not None else out), None

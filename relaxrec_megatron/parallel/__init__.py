@@ -1,0 +1,1 @@
+"""Parallelism: process groups, the CPU (gloo) mode, gradient contracts of shared layers."""

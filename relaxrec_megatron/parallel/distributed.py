@@ -1,0 +1,56 @@
+"""Process groups for TP/PP/DP (gloo on CPU, NCCL on GPUs) and building the model on this rank."""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from . import cpu_mode
+
+
+def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int = 600) -> None:
+    """torch.distributed from the torchrun env (RANK, WORLD_SIZE, MASTER_ADDR/PORT), then megatron's groups."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    on_cpu = cpu_mode.enable()
+    if not dist.is_initialized():
+        if not on_cpu:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("gloo" if on_cpu else "nccl", timeout=timedelta(seconds=timeout_s))
+    world = dist.get_world_size()
+    if world % (tp * pp):
+        from ..errors import UserError
+
+        raise UserError(f"world size {world} is not a multiple of TP*PP = {tp}*{pp}")
+    ps.destroy_model_parallel()
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def build_model(settings, dtype: torch.dtype = torch.float32, use_te: bool | None = None):
+    """This rank's stage of the relaxed recursive GPT model (parameters on the current device)."""
+    from megatron.core import parallel_state as ps
+
+    from ..model.gpt import RelaxedRecursiveGPTModel
+    from ..model.layer import te_available
+    from ..model.settings import transformer_config
+
+    config = transformer_config(settings, dtype)
+    model = RelaxedRecursiveGPTModel(
+        config, settings, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
+        use_te=te_available() if use_te is None else use_te,
+    )
+    if torch.cuda.is_available():
+        model.cuda()
+    return model
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,72 @@
+"""Gradient contracts the optimizer step relies on, for the relaxed recursive model.
+
+1. A shared layer replicated on several pipeline stages is one parameter: its gradients are
+   summed over the stages that hold it, so the replicas stay identical after every step.
+2. Parameters whose gradient is a partial sum over tensor-parallel ranks (row-parallel LoRA B,
+   LoRA A and norms under sequence parallelism) are summed over TP.
+3. Tied word embeddings on the first and last stage are summed over the embedding group.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.distributed as dist
+
+from megatron.core import parallel_state as ps
+
+_GROUPS: dict[tuple[int, ...], object] = {}
+
+
+def shared_layer_groups(settings) -> dict[int, object]:
+    """shared layer -> process group of this rank's pipeline peers that hold it (collective: all ranks call)."""
+    world = dist.get_world_size()
+    my_pp = dist.get_process_group_ranks(ps.get_pipeline_model_parallel_group())
+    all_pp: list = [None] * world
+    dist.all_gather_object(all_pp, my_pp)
+    pp_groups = sorted({tuple(g) for g in all_pp})
+    stage_sets = sorted({tuple(settings.stages_holding(k)) for k in range(settings.plan.num_shared)})
+    mine: dict[tuple[int, ...], object] = {}
+    for group in pp_groups:
+        for stages in stage_sets:
+            if len(stages) < 2:
+                continue
+            ranks = tuple(group[s] for s in stages)
+            if ranks not in _GROUPS:
+                _GROUPS[ranks] = dist.new_group(list(ranks))
+            if dist.get_rank() in ranks:
+                mine[stages] = _GROUPS[ranks]
+    return {k: mine[tuple(settings.stages_holding(k))] for k in range(settings.plan.num_shared)
+            if len(settings.stages_holding(k)) > 1 and tuple(settings.stages_holding(k)) in mine}
+
+
+def _grad(p: torch.nn.Parameter) -> torch.Tensor | None:
+    g = getattr(p, "main_grad", None)
+    return g if g is not None else p.grad
+
+
+def finalize_grads(model, settings, groups: dict[int, object]) -> None:
+    tp_parallel = ps.get_tensor_model_parallel_world_size() > 1
+    for name, p in model.named_parameters():
+        g = _grad(p)
+        if g is None:
+            continue
+        m = re.match(r"decoder\.layers\.(\d+)\.", name)
+        is_lora = ".lora." in name or ".loop_bias." in name
+        k = model.decoder.shared_ids[int(m.group(1))] if m else None
+        if k in groups and not is_lora and not _per_loop_norm(name):
+            dist.all_reduce(g, group=groups[k])
+        if tp_parallel and (getattr(p, "relaxrec_tp_sum_grad", False) or
+                   (getattr(p, "sequence_parallel", False) and model.config.sequence_parallel)):
+            dist.all_reduce(g, group=ps.get_tensor_model_parallel_group())
+    if settings.tie_word_embeddings and ps.get_pipeline_model_parallel_world_size() > 1 \
+            and (model.pre_process or model.post_process):
+        w = model.shared_embedding_or_output_weight()
+        g = _grad(w)
+        if g is not None:
+            dist.all_reduce(g, group=ps.get_embedding_group())
+
+
+def _per_loop_norm(name: str) -> bool:
+    return bool(re.search(r"layernorm\.(weight|bias)\.\d+$", name))

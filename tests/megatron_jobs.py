@@ -1,0 +1,84 @@
+"""Work done inside the spawned ranks of the Megatron tests (one process per rank)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+def _setup(relaxed_dir: Path, tp: int, pp: int, sp: bool = False):
+    from relaxrec_megatron.hf.checkpoint import CheckpointReader
+    from relaxrec_megatron.model.settings import ParallelLayout, RelaxedSettings
+    from relaxrec_megatron.parallel.distributed import build_model, init_distributed
+
+    init_distributed(tp, pp)
+    reader = CheckpointReader(relaxed_dir)
+    settings = RelaxedSettings(reader.config, ParallelLayout(tp=tp, pp=pp, sequence_parallel=sp))
+    return reader, settings, build_model(settings)
+
+
+def _logits(model, tokens):
+    from relaxrec_megatron.parallel.schedule import batch_from_tokens, forward_backward
+
+    model.eval()
+    out = forward_backward(model, [batch_from_tokens(tokens)], collect_logits=True)
+    return out[0]["logits"] if out else None
+
+
+def _save_if_writer(obj, path: Path) -> None:
+    from megatron.core import parallel_state as ps
+
+    if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
+        torch.save(obj, path)
+
+
+def parity_job(cases: list[tuple[str, str]], tokens: torch.Tensor, tp: int, pp: int, sp: bool, out_dir: str) -> None:
+    """For each (name, relaxed_dir): logits, and canonical gradients after one backward of the summed CE."""
+    from megatron.core import parallel_state as ps
+
+    from relaxrec_megatron.model.state_adapter import load_canonical, local_shard, pieces
+    from relaxrec_megatron.parallel.grads import finalize_grads, shared_layer_groups
+    from relaxrec_megatron.parallel.schedule import batch_from_tokens, forward_backward
+
+    out = Path(out_dir)
+    for name, relaxed_dir in cases:
+        reader, settings, model = _setup(Path(relaxed_dir), tp, pp, sp)
+        load_canonical(model, settings, reader.get)
+        _save_if_writer(_logits(model, tokens), out / f"{name}.logits.pt")
+        model.train()
+        model.zero_grad()
+        forward_backward(model, [batch_from_tokens(tokens)])
+        params = dict(model.named_parameters())
+
+        def canonical_grads():
+            grads = {}
+            for piece in pieces(model, settings):
+                if not piece.main_stage or (piece.tp_axis is None and ps.get_tensor_model_parallel_rank() > 0):
+                    continue
+                g = params[piece.param].grad
+                grads[piece.canon] = (piece.tp_axis, ps.get_tensor_model_parallel_rank(), local_shard(piece, g))
+            return grads
+
+        torch.save(canonical_grads(), out / f"{name}.rawgrads.rank{dist.get_rank()}.pt")
+        finalize_grads(model, settings, shared_layer_groups(settings))
+        torch.save(canonical_grads(), out / f"{name}.grads.rank{dist.get_rank()}.pt")
+
+
+def save_job(relaxed_dir: str, tp: int, pp: int, ckpt_dir: str) -> None:
+    from relaxrec_megatron.model import checkpoint
+    from relaxrec_megatron.model.state_adapter import load_canonical
+
+    reader, settings, model = _setup(Path(relaxed_dir), tp, pp)
+    load_canonical(model, settings, reader.get)
+    checkpoint.save(model, settings, ckpt_dir)
+
+
+def load_job(relaxed_dir: str, tp: int, pp: int, ckpt_dir: str, tokens: torch.Tensor, out_path: str) -> None:
+    """Build from the relaxed config only (random init), load the dist checkpoint, save logits."""
+    from relaxrec_megatron.model import checkpoint
+
+    _, settings, model = _setup(Path(relaxed_dir), tp, pp)
+    checkpoint.load(model, settings, ckpt_dir)
+    _save_if_writer(_logits(model, tokens), Path(out_path))

@@ -1,0 +1,171 @@
+"""The megatron-core relaxed recursive model on CPU (gloo, fp32): parity with the HF reference model
+under TP/PP, the tied-gradient contract across pipeline stages, and resharding dist checkpoints."""
+
+import glob
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import relaxrec_megatron  # noqa: F401
+from megatron_jobs import load_job, parity_job, save_job
+from mp_world import run_world
+from relaxrec_megatron.errors import UserError
+from relaxrec_megatron.hf.checkpoint import CheckpointReader
+from relaxrec_megatron.hf.convert import RecursionSpec, convert_to_relaxed
+from relaxrec_megatron.model.checkpoint import check_compatible, read_config
+from relaxrec_megatron.model.settings import ParallelLayout, RelaxedSettings
+
+# (name, arch, spec): LoRA and pure recursive for every architecture; per-layer norms/biases and
+# SEQUENCE order are covered on the way
+CASES = [
+    ("llama-lora", "llama", RecursionSpec(rank=3)),
+    ("llama-pure", "llama", RecursionSpec(rank=0, strategy="sequence")),
+    ("gemma-lora", "gemma", RecursionSpec(rank=4, strategy="sequence", share_norms=False)),
+    ("gemma-pure", "gemma", RecursionSpec(rank=0, init="stepwise")),
+    ("neox-lora", "gpt_neox", RecursionSpec(rank=-1, share_norms=False, share_biases=False)),
+    ("neox-pure", "gpt_neox", RecursionSpec(rank=0, strategy="sequence")),
+]
+LAYOUTS = {"tp1pp1": (1, 1, False), "tp2pp1": (2, 1, False), "tp1pp2": (1, 2, False), "tp2pp1-sp": (2, 1, True)}
+TOKENS = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def relaxed(tiny_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("relaxed")
+    for name, arch, spec in CASES:
+        convert_to_relaxed(str(tiny_dirs[arch]), root / name, spec, progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def runs(relaxed, tmp_path_factory):
+    """One spawned world per layout runs every case (logits and gradients to files)."""
+    root = tmp_path_factory.mktemp("runs")
+    cases = [(name, str(relaxed / name)) for name, _, _ in CASES]
+    for layout, (tp, pp, sp) in LAYOUTS.items():
+        (root / layout).mkdir()
+        run_world(parity_job, tp * pp, cases, TOKENS, tp, pp, sp, str(root / layout), timeout=600)
+    return root
+
+
+def full_grads(folder: Path, name: str, kind: str = "grads") -> dict[str, torch.Tensor]:
+    parts: dict[str, dict[int, tuple]] = {}
+    for f in sorted(glob.glob(f"{folder}/{name}.{kind}.rank*.pt")):
+        for canon, (axis, tp_rank, t) in torch.load(f).items():
+            parts.setdefault(canon, {})[tp_rank] = (axis, t)
+    return {c: d[0][1] if d[0][0] is None else torch.cat([d[r][1] for r in sorted(d)], d[0][0])
+            for c, d in parts.items()}
+
+
+def hf_logits(folder: Path) -> torch.Tensor:
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(TOKENS, use_cache=False).logits
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", [c[0] for c in CASES])
+def test_logits_equal_the_hf_reference(runs, relaxed, layout, name):
+    got = torch.load(runs / layout / f"{name}.logits.pt")
+    diff = (got - hf_logits(relaxed / name)).abs().max().item()
+    assert diff <= 1e-4, diff
+
+
+@pytest.mark.parametrize("layout", ["tp2pp1", "tp1pp2", "tp2pp1-sp"])
+@pytest.mark.parametrize("name", [c[0] for c in CASES])
+def test_gradients_equal_single_process(runs, layout, name):
+    ref, got = full_grads(runs / "tp1pp1", name), full_grads(runs / layout, name)
+    assert got.keys() == ref.keys()
+    assert any(".lora." in k for k in ref) == ("pure" not in name)
+    for key in ref:
+        rel = float((got[key] - ref[key]).norm() / ref[key].norm().clamp_min(1e-30))
+        assert rel <= 1e-5, (key, rel)
+
+
+@pytest.mark.parametrize("layout, key", [("tp1pp2", "model.layers.0.attn.qkv.weight"),
+                                         ("tp2pp1", "model.relax.0.lora.o.lora_B")])
+def test_gradient_contracts_are_needed(runs, layout, key):
+    """Guards the test above: before finalize_grads, a shared layer's gradient on a CYCLE PP=2 stage is
+    only its loop's share, and a row-parallel LoRA B's gradient is a partial sum over TP."""
+    ref, raw = full_grads(runs / "tp1pp1", "llama-lora"), full_grads(runs / layout, "llama-lora", "rawgrads")
+    assert float((raw[key] - ref[key]).norm() / ref[key].norm()) > 1e-2
+
+
+def test_dist_checkpoint_reshards(relaxed, runs, tmp_path):
+    name = "gemma-lora"
+    run_world(save_job, 2, str(relaxed / name), 2, 1, str(tmp_path / "ckpt"), timeout=600)
+    reference = torch.load(runs / "tp1pp1" / f"{name}.logits.pt")
+    for tp, pp in [(1, 2), (1, 1)]:
+        out = tmp_path / f"logits-{tp}{pp}.pt"
+        run_world(load_job, tp * pp, str(relaxed / name), tp, pp, str(tmp_path / "ckpt"), TOKENS, str(out), timeout=600)
+        assert (torch.load(out) - reference).abs().max().item() <= 1e-6
+
+
+def relaxrec(*argv):
+    exe = Path(sys.executable).parent / "relaxrec"
+    return subprocess.run([str(exe), *map(str, argv)], capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("name", ["neox-lora", "gemma-lora"])
+def test_megatron_checkpoint_converts_back_to_both_hf_formats(relaxed, tmp_path, name):
+    src = relaxed / name
+    assert relaxrec("convert", src, tmp_path / "mcore", "--to", "megatron", "--quiet").returncode == 0
+    out = relaxrec("export", "hf-relaxed", tmp_path / "mcore", tmp_path / "back", "--quiet")
+    assert out.returncode == 0, out.stderr
+    original, back = CheckpointReader(src), CheckpointReader(tmp_path / "back")
+    assert back.names() == original.names()
+    for n in original.names():
+        assert torch.equal(back.get(n), original.get(n)), n
+    assert json.loads((tmp_path / "back" / "config.json").read_text()) == original.config
+    out = relaxrec("export", "hf-unrolled", tmp_path / "mcore", tmp_path / "unrolled", "--quiet")
+    assert out.returncode == 0, out.stderr
+    unrolled = AutoModelForCausalLM.from_pretrained(tmp_path / "unrolled").eval()
+    assert type(unrolled).__module__.startswith("transformers.models.")
+    with torch.no_grad():
+        assert (unrolled(TOKENS).logits - hf_logits(src)).abs().max() <= 1e-4
+
+
+def test_vanilla_hf_converts_straight_to_megatron(tiny_dirs, tmp_path):
+    out = relaxrec("convert", tiny_dirs["llama"], tmp_path / "mcore", "--to", "megatron", "--rank", "2", "--quiet")
+    assert out.returncode == 0, out.stderr
+    cfg = read_config(tmp_path / "mcore")
+    assert cfg["lora_ranks"]["q"] == 2 and cfg["num_loops"] == 2
+
+
+def settings_for(folder, **layout):
+    return RelaxedSettings(CheckpointReader(folder).config, ParallelLayout(**layout))
+
+
+def test_tp_must_divide_heads(relaxed):
+    with pytest.raises(UserError, match="TP=3 does not divide num_attention_heads=4"):
+        settings_for(relaxed / "llama-lora", tp=3)
+
+
+def test_tp_and_query_groups_must_nest(relaxed):
+    hf = CheckpointReader(relaxed / "llama-lora").config | {"num_attention_heads": 12, "num_key_value_heads": 3}
+    with pytest.raises(UserError, match="TP=4 and num_key_value_heads=3: one must divide the other"):
+        RelaxedSettings(hf, ParallelLayout(tp=4))
+
+
+def test_pp_must_fit_the_unrolled_depth(relaxed):
+    with pytest.raises(UserError, match="PP=3 does not fit the unrolled depth of 4 layers"):
+        settings_for(relaxed / "llama-lora", pp=3)
+
+
+def test_checkpoint_from_another_recursion_setting(relaxed, tmp_path):
+    assert relaxrec("convert", relaxed / "llama-lora", tmp_path / "mcore", "--to", "megatron", "--quiet").returncode == 0
+    other = settings_for(relaxed / "llama-pure")
+    with pytest.raises(UserError, match="was saved with recursion_strategy='cycle' but the model has "
+                                        "recursion_strategy='sequence'"):
+        check_compatible(read_config(tmp_path / "mcore"), other, "ckpt")
+
+
+def test_export_of_a_missing_megatron_checkpoint_is_one_line(tmp_path):
+    out = relaxrec("export", "hf-relaxed", tmp_path / "nope", tmp_path / "o")
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert not (tmp_path / "o").exists()
