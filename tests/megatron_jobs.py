@@ -8,14 +8,14 @@ import torch
 import torch.distributed as dist
 
 
-def _setup(relaxed_dir: Path, tp: int, pp: int, sp: bool = False):
+def _setup(relaxed_dir: Path, tp: int, pp: int, sp: bool = False, recompute: bool = False):
     from relaxrec_megatron.hf.checkpoint import CheckpointReader
     from relaxrec_megatron.model.settings import ParallelLayout, RelaxedSettings
     from relaxrec_megatron.parallel.distributed import build_model, init_distributed
 
     init_distributed(tp, pp)
     reader = CheckpointReader(relaxed_dir)
-    settings = RelaxedSettings(reader.config, ParallelLayout(tp=tp, pp=pp, sequence_parallel=sp))
+    settings = RelaxedSettings(reader.config, ParallelLayout(tp=tp, pp=pp, sequence_parallel=sp, recompute=recompute))
     return reader, settings, build_model(settings)
 
 
@@ -34,7 +34,7 @@ def _save_if_writer(obj, path: Path) -> None:
         torch.save(obj, path)
 
 
-def parity_job(cases: list[tuple[str, str]], tokens: torch.Tensor, tp: int, pp: int, sp: bool, out_dir: str) -> None:
+def parity_job(cases: list[tuple[str, str]], tokens: torch.Tensor, layout: dict, out_dir: str) -> None:
     """For each (name, relaxed_dir): logits, and canonical gradients after one backward of the summed CE."""
     from megatron.core import parallel_state as ps
 
@@ -44,7 +44,7 @@ def parity_job(cases: list[tuple[str, str]], tokens: torch.Tensor, tp: int, pp: 
 
     out = Path(out_dir)
     for name, relaxed_dir in cases:
-        reader, settings, model = _setup(Path(relaxed_dir), tp, pp, sp)
+        reader, settings, model = _setup(Path(relaxed_dir), **layout)
         load_canonical(model, settings, reader.get)
         _save_if_writer(_logits(model, tokens), out / f"{name}.logits.pt")
         model.train()

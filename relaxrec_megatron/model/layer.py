@@ -21,7 +21,7 @@ from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
-from .lora_linear import LoraColumnParallelLinear, LoraRowParallelLinear
+from .lora_linear import LoraColumnParallelLinear, LoraRowParallelLinear, te_linear_classes
 from .norms import LoopedNorm
 from .settings import RelaxedSettings
 
@@ -57,8 +57,8 @@ def relaxed_layer_spec(s: RelaxedSettings, loops: tuple[int, ...], use_te: bool 
     per_loop_bias = not h["share_biases"]
     lora = dict(lora_ranks=s.ranks, loops=loops, per_loop_bias=per_loop_bias)
     heads_per_group = h["num_attention_heads"] // h["num_key_value_heads"]
-    column = partial(LoraColumnParallelLinear, **lora)
-    row = partial(LoraRowParallelLinear, **lora)
+    column_cls, row_cls = te_linear_classes() if use_te else (LoraColumnParallelLinear, LoraRowParallelLinear)
+    column, row = partial(column_cls, **lora), partial(row_cls, **lora)
     fc1_modules = ("gate", "up") if s.gated else ("up",)
     return ModuleSpec(
         module=ParallelResidualTransformerLayer if h["parallel_residual"] else TransformerLayer,

@@ -60,16 +60,15 @@ class LoopLora(nn.Module):
         return bool(self.modules_)
 
 
-class LoraColumnParallelLinear(ColumnParallelLinear, LoopAware):
-    """Column-parallel linear (+ per-loop LoRA, + per-loop bias) whose output may fuse several modules."""
+class ColumnLora(LoopAware):
+    """Per-loop LoRA (and bias) of a column-parallel linear whose output may fuse several modules."""
 
-    def __init__(self, input_size, output_size, *, config, init_method, lora_modules: tuple[str, ...],
-                 lora_ranks: dict[str, int], loops: tuple[int, ...], per_loop_bias: bool = False,
-                 heads_per_group: int = 0, bias: bool = True, **kwargs):
-        super().__init__(input_size, output_size, config=config, init_method=init_method,
-                         bias=bias and not per_loop_bias, **kwargs)
+    def _init_lora(self, input_size, output_size, config, lora_modules, lora_ranks, loops, per_loop_bias, bias,
+                   heads_per_group):
         tp = ps.get_tensor_model_parallel_world_size()
         self.lora_modules, self.heads_per_group = lora_modules, heads_per_group
+        self.lora_tp_group = ps.get_tensor_model_parallel_group()
+        self.lora_sp = config.sequence_parallel
         self.local_out = output_size // tp
         # TP > query groups (e.g. MQA): a rank's rows are a slice of one group, so the q/k/v B factors
         # are kept whole on every rank and the rank takes its rows of the fused LoRA output
@@ -80,7 +79,7 @@ class LoraColumnParallelLinear(ColumnParallelLinear, LoopAware):
         self.loop_bias = nn.ParameterDict({str(b): nn.Parameter(torch.zeros(self.local_out, dtype=config.params_dtype))
                                            for b in loops}) if per_loop_bias and bias else None
         for p in self.lora.lora_A.values():
-            p.relaxrec_tp_sum_grad = self.sequence_parallel  # A sees only this rank's tokens under SP
+            p.relaxrec_tp_sum_grad = self.lora_sp  # A sees only this rank's tokens under SP
         for p in self.lora.lora_B.values():
             p.relaxrec_tp_sum_grad = self.lora_replicated  # each rank's gradient covers its rows only
 
@@ -94,10 +93,11 @@ class LoraColumnParallelLinear(ColumnParallelLinear, LoopAware):
 
     def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
         loop, lora = self.active_loop, self.lora
-        A = torch.cat([lora.lora_A[_key(m, loop)] for m in lora.modules_])
+        A = torch.cat([lora.lora_A[_key(m, loop)] for m in lora.modules_]) if len(lora.modules_) > 1 \
+            else lora.lora_A[_key(lora.modules_[0], loop)]
         z = torch.matmul(x, A.t())
-        z = gather_from_sequence_parallel_region(z, group=self.tp_group) if self.sequence_parallel \
-            else copy_to_tensor_model_parallel_region(z, group=self.tp_group)
+        z = gather_from_sequence_parallel_region(z, group=self.lora_tp_group) if self.lora_sp \
+            else copy_to_tensor_model_parallel_region(z, group=self.lora_tp_group)
         parts = dict(zip(lora.modules_, z.split([lora.ranks[m] for m in lora.modules_], dim=-1)))
         outs = {}
         for m in self.lora_modules:
@@ -114,12 +114,13 @@ class LoraColumnParallelLinear(ColumnParallelLinear, LoopAware):
             if self.lora_replicated:
                 fused = fused[..., self.tp_rank * self.local_out:(self.tp_rank + 1) * self.local_out]
             return fused
+        if len(outs) == 1:
+            return next(iter(outs.values()))
         return torch.cat([outs[m] for m in self.lora_modules], dim=-1)
 
-    def forward(self, input_, **kwargs):
-        out, bias = super().forward(input_, **kwargs)
+    def _relax(self, out, bias, x):
         if self.lora:
-            out = out + self.lora_delta(input_)
+            out = out + self.lora_delta(x)
         if self.loop_bias is not None:
             loop_bias = self.loop_bias[str(self.active_loop)]
             if self.skip_bias_add:
@@ -129,7 +130,41 @@ class LoraColumnParallelLinear(ColumnParallelLinear, LoopAware):
         return out, bias
 
 
-class LoraRowParallelLinear(RowParallelLinear, LoopAware):
+class LoraColumnParallelLinear(ColumnParallelLinear, ColumnLora):
+    def __init__(self, input_size, output_size, *, config, init_method, lora_modules: tuple[str, ...],
+                 lora_ranks: dict[str, int], loops: tuple[int, ...], per_loop_bias: bool = False,
+                 heads_per_group: int = 0, bias: bool = True, **kwargs):
+        super().__init__(input_size, output_size, config=config, init_method=init_method,
+                         bias=bias and not per_loop_bias, **kwargs)
+        self._init_lora(input_size, output_size, config, lora_modules, lora_ranks, loops, per_loop_bias, bias,
+                        heads_per_group)
+
+    def forward(self, input_, **kwargs):
+        out, bias = super().forward(input_, **kwargs)
+        return self._relax(out, bias, input_)
+
+
+class RowLora(LoopAware):
+    def _init_lora(self, input_size, output_size, config, lora_modules, lora_ranks, loops, per_loop_bias, bias):
+        tp = ps.get_tensor_model_parallel_world_size()
+        (self.module,) = lora_modules
+        self.lora = LoopLora({self.module: (output_size, input_size // tp)}, lora_ranks, loops, config.params_dtype)
+        self.loop_bias = nn.ParameterDict({str(b): nn.Parameter(torch.zeros(output_size, dtype=config.params_dtype))
+                                           for b in loops}) if per_loop_bias and bias else None
+        for p in self.lora.lora_B.values():
+            p.relaxrec_tp_sum_grad = tp > 1
+        for p in (self.loop_bias or {}).values():  # added after the reduce-scatter: a partial sum under SP
+            p.sequence_parallel = config.sequence_parallel
+
+    def lora_partial(self, x_local: torch.Tensor) -> torch.Tensor:
+        key = _key(self.module, self.active_loop)
+        return torch.matmul(torch.matmul(x_local, self.lora.lora_A[key].t()), self.lora.lora_B[key].t())
+
+    def _bias(self):
+        return self.loop_bias[str(self.active_loop)] if self.loop_bias is not None else self.bias
+
+
+class LoraRowParallelLinear(RowParallelLinear, RowLora):
     """Row-parallel linear whose per-loop LoRA is added before the TP reduction."""
 
     def __init__(self, input_size, output_size, *, config, init_method, lora_modules: tuple[str, ...],
@@ -137,16 +172,7 @@ class LoraRowParallelLinear(RowParallelLinear, LoopAware):
                  bias: bool = True, **kwargs):
         super().__init__(input_size, output_size, config=config, init_method=init_method,
                          bias=bias and not per_loop_bias, **kwargs)
-        tp = ps.get_tensor_model_parallel_world_size()
-        (module,) = lora_modules
-        self.module = module
-        self.lora = LoopLora({module: (output_size, input_size // tp)}, lora_ranks, loops, config.params_dtype)
-        self.loop_bias = nn.ParameterDict({str(b): nn.Parameter(torch.zeros(output_size, dtype=config.params_dtype))
-                                           for b in loops}) if per_loop_bias and bias else None
-        for p in self.lora.lora_B.values():
-            p.relaxrec_tp_sum_grad = tp > 1
-        for p in (self.loop_bias or {}).values():  # added after the reduce-scatter: a partial sum under SP
-            p.sequence_parallel = self.sequence_parallel
+        self._init_lora(input_size, output_size, config, lora_modules, lora_ranks, loops, per_loop_bias, bias)
 
     def forward(self, input_):
         assert self.input_is_parallel, "relaxed recursive layers feed row-parallel linears a parallel input"
@@ -155,13 +181,59 @@ class LoraRowParallelLinear(RowParallelLinear, LoopAware):
                                  allreduce_dgrad=False, sequence_parallel=False, tp_group=None,
                                  grad_output_buffer=None, gtp_remat_size=self.gtp_remat_size)
         if self.lora:
-            key = _key(self.module, self.active_loop)
-            out = out + torch.matmul(torch.matmul(input_, self.lora.lora_A[key].t()), self.lora.lora_B[key].t())
+            out = out + self.lora_partial(input_)
         if self.sequence_parallel:
             out = reduce_scatter_to_sequence_parallel_region(out, group=self.tp_group)
         else:
             out = reduce_from_tensor_model_parallel_region(out, group=self.tp_group)
-        bias = self.loop_bias[str(self.active_loop)] if self.loop_bias is not None else self.bias
+        bias = self._bias()
         if self.skip_bias_add:
             return out, bias
         return (out + bias if bias is not None else out), None
+
+
+def te_linear_classes():
+    """Transformer Engine variants (imported only with CUDA): TE GEMMs (FP8-capable) for the shared
+    weights, LoRA in the activation dtype. TE fuses the row-parallel reduction into its GEMM, so there
+    the LoRA term takes its own reduction, on the r-wide activation (not the h-wide output)."""
+    from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TERowParallelLinear
+
+    class TELoraColumnParallelLinear(TEColumnParallelLinear, ColumnLora):
+        def __init__(self, input_size, output_size, *, config, init_method, lora_modules, lora_ranks, loops,
+                     per_loop_bias=False, heads_per_group=0, bias=True, **kwargs):
+            super().__init__(input_size, output_size, config=config, init_method=init_method,
+                             bias=bias and not per_loop_bias, **kwargs)
+            self._init_lora(input_size, output_size, config, lora_modules, lora_ranks, loops, per_loop_bias, bias,
+                            heads_per_group)
+
+        def forward(self, x):
+            out, bias = super().forward(x)
+            return self._relax(out, bias, x)
+
+    class TELoraRowParallelLinear(TERowParallelLinear, RowLora):
+        def __init__(self, input_size, output_size, *, config, init_method, lora_modules, lora_ranks, loops,
+                     per_loop_bias=False, bias=True, **kwargs):
+            super().__init__(input_size, output_size, config=config, init_method=init_method,
+                             bias=bias and not per_loop_bias, **kwargs)
+            self._init_lora(input_size, output_size, config, lora_modules, lora_ranks, loops, per_loop_bias, bias)
+            self.lora_sp = config.sequence_parallel
+            for p in self.lora.lora_B.values():
+                p.relaxrec_tp_sum_grad = False  # B sees the reduced activation here
+
+        def forward(self, x):
+            out, bias = super().forward(x)
+            if self.lora:
+                key = _key(self.module, self.active_loop)
+                z = reduce_from_tensor_model_parallel_region(torch.matmul(x, self.lora.lora_A[key].t()))
+                if self.lora_sp:  # TE's output is this rank's slice of the sequence
+                    tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+                    z = z.chunk(tp, dim=0)[rank]
+                out = out + torch.matmul(z, self.lora.lora_B[key].t())
+            if self.loop_bias is not None:
+                if self.te_return_bias:
+                    bias = self.loop_bias[str(self.active_loop)]
+                else:
+                    out = out + self.loop_bias[str(self.active_loop)]
+            return out, bias
+
+    return TELoraColumnParallelLinear, TELoraRowParallelLinear

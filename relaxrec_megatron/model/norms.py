@@ -17,8 +17,7 @@ def norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kind:
          eps: float) -> torch.Tensor:
     if kind == "layernorm":
         return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    xf = F.rms_norm(x.float(), (x.shape[-1],), eps=eps)  # fp32 statistics, like HF
     if zero_centered:
         return (xf * (1.0 + weight.float())).type_as(x)
     return weight * xf.to(x.dtype)
