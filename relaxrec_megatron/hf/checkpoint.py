@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import mmap
 import os
 import shutil
 import struct
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -76,6 +78,7 @@ class CheckpointReader:
         if not self._index:
             raise CheckpointError(f"{self.root}: no *.safetensors or *.bin weights found")
         self._bin_cache: tuple[Path, dict] | None = None
+        self._maps: dict[Path, mmap.mmap] = {}
 
     def names(self) -> set[str]:
         return set(self._index)
@@ -105,6 +108,25 @@ class CheckpointReader:
         if not buf:
             return torch.empty(meta["shape"], dtype=dtype)
         return torch.frombuffer(buf, dtype=dtype).reshape(meta["shape"])
+
+    def get_mapped(self, name: str) -> torch.Tensor:
+        """A read-only tensor backed by the file's pages (safetensors): nothing is read until used,
+        and the pages stay reclaimable by the OS, so handing many of these to a writer streams."""
+        f, meta = self._locate(name)
+        if meta is None:
+            return self.get(name)
+        if f not in self._maps:
+            with open(f, "rb") as fh:
+                self._maps[f] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        begin, end = meta["data_offsets"]
+        dtype = _ST_DTYPES[meta["dtype"]]
+        if end == begin:
+            return torch.empty(meta["shape"], dtype=dtype)
+        with warnings.catch_warnings():  # the buffer is read-only; the tensor is never written
+            warnings.simplefilter("ignore", UserWarning)
+            flat = torch.frombuffer(self._maps[f], dtype=dtype, count=(end - begin) // dtype.itemsize,
+                                    offset=meta["_base"] + begin)
+        return flat.reshape(meta["shape"])
 
     def _locate(self, name: str) -> tuple[Path, dict | None]:
         if name not in self._index:

@@ -47,7 +47,8 @@ def relaxed_to_megatron(relaxed: str | Path, output: str | Path, overwrite: bool
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     reader = open_relaxed(relaxed)
-    get = canonical_getter(reader.get, reader.config["num_key_value_heads"])
+    # file-backed tensors: the save streams them from disk (only fused q/k/v are built in memory)
+    get = canonical_getter(reader.get_mapped, reader.config["num_key_value_heads"])
     with atomic_output_dir(output, overwrite) as tmp, single_process_group():
         names = sorted({fused_name(n) for n in reader.names()})
         state = {n: ShardedTensor.from_rank_offsets(n, get(n), replica_id=0) for n in names}
