@@ -82,3 +82,22 @@ def load_job(relaxed_dir: str, tp: int, pp: int, ckpt_dir: str, tokens: torch.Te
     _, settings, model = _setup(Path(relaxed_dir), tp, pp)
     checkpoint.load(model, settings, ckpt_dir)
     _save_if_writer(_logits(model, tokens), Path(out_path))
+
+
+def kd_job(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, alpha: float, temperature: float,
+           tp: int, out_dir: str) -> None:
+    """Vocab-parallel KD loss on this rank's vocabulary shard; saves loss and the logits' gradient shard."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    from relaxrec_megatron.parallel.distributed import init_distributed
+    from relaxrec_megatron.training.kd import distillation_loss
+
+    init_distributed(tp, 1)
+    rank = ps.get_tensor_model_parallel_rank()
+    s = student.chunk(tp, dim=-1)[rank].clone().requires_grad_(True)
+    t = teacher.chunk(tp, dim=-1)[rank]
+    ce = vocab_parallel_cross_entropy(s.clone(), labels)  # megatron shifts its input in place
+    loss, kl = distillation_loss(s, t, ce, alpha, temperature, ps.get_tensor_model_parallel_group())
+    loss.sum().backward()
+    torch.save({"loss": loss.detach(), "kl": kl.detach(), "grad": s.grad}, Path(out_dir) / f"kd{rank}.pt")

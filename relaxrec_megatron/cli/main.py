@@ -8,9 +8,10 @@ import sys
 import warnings
 
 from ..errors import UserError
-from . import convert, demo, export, params
+from . import bench, convert, data, demo, export, generate, params
 
-COMMANDS = {"convert": convert, "export": export, "params": params, "demo": demo}
+COMMANDS = {"convert": convert, "export": export, "params": params, "data": data, "generate": generate,
+            "bench": bench, "demo": demo}
 
 
 def build_parser() -> argparse.ArgumentParser:

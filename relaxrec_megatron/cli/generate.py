@@ -1,0 +1,75 @@
+"""relaxrec generate: greedy generation with the serving engine (continuous depth-wise batching)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("generate", help="generate text with the serving engine", description=__doc__)
+    p.add_argument("model", help="relaxed recursive HF checkpoint folder")
+    p.add_argument("prompts", nargs="*", help="prompts (or --file)")
+    p.add_argument("--file", default=None, help="one prompt per line")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--mode", choices=["cdb", "seq", "static"], default="cdb")
+    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--exit", choices=["none", "maxprob", "margin"], default="none", help="early-exit rule")
+    p.add_argument("--threshold", type=float, default=0.9, help="confidence needed to exit early")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import relaxrec_megatron  # noqa: F401
+
+    from ..inference.engine import Engine, ExitPolicy, Request, mean_loops_per_token
+    from ..inference.weights import engine_weights
+
+    prompts = list(args.prompts)
+    if args.file:
+        path = Path(args.file)
+        if not path.is_file():
+            raise UserError(f"--file {path}: no such file")
+        prompts += [line.rstrip("\n") for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise UserError("no prompts: pass them as arguments or with --file")
+    config = Path(args.model) / "config.json"
+    if not config.is_file():
+        raise UserError(f"{args.model}: not a checkpoint folder (no config.json)")
+    model_type = json.loads(config.read_text()).get("model_type")
+    if model_type != "relaxed_recursive":
+        raise UserError(f"{args.model}: model_type {model_type!r}; the engine serves relaxed recursive "
+                        "checkpoints (make one with `relaxrec convert`)")
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    reqs = [Request(tokenizer(p).input_ids, args.max_new_tokens, eos_token_id=tokenizer.eos_token_id, id=i)
+            for i, p in enumerate(prompts)]
+    max_len = max(len(r.prompt) for r in reqs) + args.max_new_tokens
+    engine = Engine(engine_weights(model), mode=args.mode, max_batch=args.max_batch, max_len=max_len,
+                    exit_policy=ExitPolicy(args.exit, args.threshold))
+    stream = len(reqs) == 1
+
+    def on_token(req, tok):
+        if stream:
+            sys.stdout.write(tokenizer.decode([tok]))
+            sys.stdout.flush()
+
+    if stream:
+        sys.stdout.write(prompts[0])
+    stats = engine.run(reqs, on_token=on_token)
+    if stream:
+        print()
+    else:
+        for p, r in zip(prompts, reqs):
+            print(f"--- {p}\n{p}{tokenizer.decode(r.output, skip_special_tokens=True)}")
+    print(f"[{stats.tokens} tokens in {stats.seconds:.2f}s, {stats.tokens_per_s:.1f} tok/s, "
+          f"{mean_loops_per_token(reqs, skip_first=False):.2f} loops/token, exits per loop {stats.exits_per_loop}]",
+          file=sys.stderr)
+    return 0

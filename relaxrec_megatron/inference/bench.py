@@ -1,0 +1,136 @@
+"""Serving benchmark: one request trace served by every mode, measured, plus the paper's simulation.
+
+Measured: tokens/s, latency p50/p99 (from the trace's start: all requests are queued at t=0, a FIFO
+like the paper's successor's setup) and mean loops per token, per mode, in one run.
+Simulated (--simulate, the paper's method): oracle exits, KV-fill cost excluded, cost of a step =
+number of layers it runs (a batch runs in parallel): sequence-wise CB pays B*K per step, depth-wise
+K per step.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+from dataclasses import dataclass
+
+import torch
+
+from .engine import Engine, ExitPolicy, Request, mean_loops_per_token, oracle_exit_trace
+from .weights import EngineWeights, unrolled_weights
+
+
+@dataclass
+class TraceSpec:
+    requests: int = 16
+    prompt_mean: float = 32
+    prompt_std: float = 8
+    gen_mean: float = 32  # the paper's successor uses 256; scaled down for CPU
+    gen_std: float = 8
+    seed: int = 0
+
+
+def make_trace(spec: TraceSpec, corpus: list[int]) -> list[Request]:
+    """Prompts are windows of real text; generation lengths ~ Normal(gen_mean, gen_std), at least 1."""
+    g = torch.Generator().manual_seed(spec.seed)
+    reqs = []
+    for i in range(spec.requests):
+        n = max(1, int(round(spec.prompt_mean + spec.prompt_std * float(torch.randn(1, generator=g)))))
+        m = max(1, int(round(spec.gen_mean + spec.gen_std * float(torch.randn(1, generator=g)))))
+        start = int(torch.randint(0, max(1, len(corpus) - n), (1,), generator=g))
+        reqs.append(Request(corpus[start:start + n], m, id=i))
+    return reqs
+
+
+def latency_percentiles(reqs: list[Request]) -> tuple[float, float]:
+    lat = sorted(r.t_done - r.t_arrival for r in reqs)
+    p99 = lat[min(len(lat) - 1, int(round(0.99 * (len(lat) - 1))))]
+    return statistics.median(lat), p99
+
+
+def serve(weights: EngineWeights, trace: list[Request], mode: str, max_batch: int, max_len: int,
+          exit_policy: ExitPolicy | None = None, traces: list[list[int]] | None = None) -> dict:
+    reqs = copy.deepcopy(trace)
+    if traces is not None:
+        for r, t in zip(reqs, traces):
+            r.exit_trace = t
+    stats = Engine(weights, mode=mode, max_batch=max_batch, max_len=max_len, exit_policy=exit_policy).run(reqs)
+    p50, p99 = latency_percentiles(reqs)
+    return {"tokens_per_s": stats.tokens_per_s, "p50": p50, "p99": p99, "mean_loops": mean_loops_per_token(reqs),
+            "seconds": stats.seconds, "tokens": stats.tokens, "exits_per_loop": stats.exits_per_loop}
+
+
+def oracle_traces(weights: EngineWeights, trace: list[Request], max_batch: int, max_len: int) -> list[list[int]]:
+    reqs = copy.deepcopy(trace)
+    Engine(weights, mode="seq", max_batch=max_batch, max_len=max_len, record_loop_predictions=True).run(reqs)
+    return [oracle_exit_trace(r) for r in reqs]
+
+
+def simulate(trace: list[Request], traces: list[list[int]], loops: int, layers: int, max_batch: int,
+             depthwise: bool) -> dict:
+    """Analytic cost model of the scheduler (oracle exits, KV-fill excluded): returns tokens per layer-step."""
+    waiting = [(len(r.prompt), r.max_new_tokens, t) for r, t in zip(trace, traces)]
+    rows: list[list[int]] = []  # [generated, loop, max_new, trace index]
+    cost = tokens = 0
+    while waiting or rows:
+        while waiting and len(rows) < max_batch:
+            _, m, t = waiting.pop(0)
+            rows.append([0, 0, m, t])
+        if depthwise:
+            cost += layers
+            keep = []
+            for row in rows:
+                gen, loop, m, t = row
+                exit_here = loop == loops - 1 or (gen > 0 and gen < len(t) and t[gen] <= loop)
+                if exit_here:
+                    tokens += 1
+                    if gen + 1 < m:
+                        keep.append([gen + 1, 0, m, t])
+                else:
+                    keep.append([gen, loop + 1, m, t])
+            rows = keep
+        else:
+            cost += layers * loops
+            tokens += len(rows)
+            rows = [[g + 1, 0, m, t] for g, _, m, t in rows if g + 1 < m]
+    return {"tokens_per_cost": tokens / cost}
+
+
+def run_benchmark(weights: EngineWeights, trace: list[Request], max_batch: int, max_len: int,
+                  confidence: float | None = None, simulate_too: bool = False) -> list[dict]:
+    B = weights.num_loops
+    traces = oracle_traces(weights, trace, max_batch, max_len)
+    rows = [
+        {"mode": "vanilla (unrolled) seq-CB", **serve(unrolled_weights(weights), trace, "seq", max_batch, max_len)},
+        {"mode": "static batching", **serve(weights, trace, "static", max_batch, max_len)},
+        {"mode": "seq-CB", **serve(weights, trace, "seq", max_batch, max_len)},
+        {"mode": "CDB, no exits", **serve(weights, trace, "cdb", max_batch, max_len)},
+        {"mode": "CDB + oracle exits", **serve(weights, trace, "cdb", max_batch, max_len, ExitPolicy("oracle"), traces)},
+    ]
+    if confidence is not None:
+        rows.append({"mode": f"CDB + maxprob>={confidence:g}",
+                     **serve(weights, trace, "cdb", max_batch, max_len, ExitPolicy("maxprob", confidence))})
+    base = rows[2]["tokens_per_s"]
+    for r in rows:
+        r["speedup"] = r["tokens_per_s"] / base
+        r["ideal"] = B / r["mean_loops"] if r["mode"].startswith("CDB") else None
+    if simulate_too:
+        seq = simulate(trace, traces, B, weights.num_shared, max_batch, depthwise=False)["tokens_per_cost"]
+        for r in rows:
+            if r["mode"] == "CDB + oracle exits":
+                r["simulated"] = simulate(trace, traces, B, weights.num_shared, max_batch, True)["tokens_per_cost"] / seq
+            elif r["mode"] == "CDB, no exits":
+                no_exit = [[B - 1] * len(t) for t in traces]
+                r["simulated"] = simulate(trace, no_exit, B, weights.num_shared, max_batch, True)["tokens_per_cost"] / seq
+    return rows
+
+
+def format_rows(rows: list[dict], title: str) -> str:
+    lines = [title, f"{'mode':<28}{'tok/s':>8}{'p50 s':>8}{'p99 s':>8}{'loops/tok':>10}{'speedup':>9}"
+             f"{'ideal':>7}{'of ideal':>9}{'simulated':>10}"]
+    for r in rows:
+        ideal = f"{r['ideal']:.2f}" if r.get("ideal") else "-"
+        frac = f"{r['speedup'] / r['ideal']:.0%}" if r.get("ideal") else "-"
+        sim = f"{r['simulated']:.2f}" if r.get("simulated") else "-"
+        lines.append(f"{r['mode']:<28}{r['tokens_per_s']:>8.1f}{r['p50']:>8.2f}{r['p99']:>8.2f}"
+                     f"{r['mean_loops']:>10.2f}{r['speedup']:>9.2f}{ideal:>7}{frac:>9}{sim:>10}")
+    return "\n".join(lines)

