@@ -101,3 +101,39 @@ def kd_job(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, a
     loss, kl = distillation_loss(s, t, ce, alpha, temperature, ps.get_tensor_model_parallel_group())
     loss.sum().backward()
     torch.save({"loss": loss.detach(), "kl": kl.detach(), "grad": s.grad}, Path(out_dir) / f"kd{rank}.pt")
+
+
+def train_job(config_path: str, overrides: list[str], out_path: str, stop_after=None, nan_steps=(),
+              crash_in_save_at=None) -> None:
+    """Runs `relaxrec train` in this world; saves the per-step records and optimizer-state bytes.
+    nan_steps: poison the gradients at these steps; crash_in_save_at: die half-way through that step's save."""
+    import os
+
+    from relaxrec_megatron.training import trainer as trainer_mod
+    from relaxrec_megatron.training.config import load_config
+    from relaxrec_megatron.training.run import train
+
+    original_loss_step, original_save = trainer_mod.Trainer._loss_step, trainer_mod.Trainer.save
+
+    def poisoned(self, batches, forward_only=False):
+        out = original_loss_step(self, batches, forward_only)
+        if not forward_only and self.step + 1 in nan_steps:  # 1-based, like the records
+            for p in self.student.parameters():
+                if p.grad is not None:
+                    p.grad.fill_(float("nan"))
+        return out
+
+    def crashing_save(self, root):
+        if self.step == crash_in_save_at:
+            from relaxrec_megatron.model import checkpoint as mckpt
+
+            mckpt.save(self.student, self.settings, Path(root) / f"step_{self.step:08d}" / "model")
+            os._exit(17)  # killed mid-save: model written, optimizer state and `latest` not
+        return original_save(self, root)
+
+    trainer_mod.Trainer._loss_step, trainer_mod.Trainer.save = poisoned, crashing_save
+
+    records = train(load_config(config_path, overrides), stop_after=stop_after)
+    import torch.distributed as dist
+
+    torch.save(records, f"{out_path}.rank{dist.get_rank()}.pt")

@@ -70,3 +70,19 @@ def finalize_grads(model, settings, groups: dict[int, object]) -> None:
 
 def _per_loop_norm(name: str) -> bool:
     return bool(re.search(r"layernorm\.(weight|bias)\.\d+$", name))
+
+
+def mark_unique_for_norms(model, settings) -> None:
+    """DeepSpeed's global gradient norm sums every parameter flagged model-parallel on every rank of
+    the TP x PP group, and the others on its rank 0 only. Flag exactly the copies to count once:
+    TP shards on every TP rank, TP-replicated tensors on TP rank 0, and a shared layer replicated
+    over pipeline stages on its first stage only."""
+    from ..model.state_adapter import pieces
+
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    params = dict(model.named_parameters())
+    for piece in pieces(model, settings):
+        counted = piece.main_stage and (piece.tp_axis is not None or tp_rank == 0)
+        p = params[piece.param]
+        p.model_parallel = counted
+        p.tensor_model_parallel = counted and piece.tp_axis is not None

@@ -1,0 +1,216 @@
+"""Run configuration: YAML -> nested dataclasses, with dotted `key=value` overrides from the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import UserError
+
+
+@dataclass
+class RunConfig:
+    name: str = "relaxrec"
+    output_dir: str = "runs/relaxrec"
+    seed: int = 1234
+
+
+@dataclass
+class RecursionConfig:
+    loops: int = 2
+    strategy: str = "cycle"
+    init: str = "average"
+    rank: int = 512  # -1: full
+    lora_init: str = "svd"
+    share_norms: bool = True
+    share_biases: bool = True
+
+
+@dataclass
+class ModelConfig:
+    source: str = ""  # HF checkpoint (hub id or folder): conversion input and KD teacher
+    relaxed: str | None = None  # start from this relaxed HF checkpoint instead of converting
+    recursion: RecursionConfig = field(default_factory=RecursionConfig)
+    dtype: str = "bf16"  # bf16 on GPUs; fp32 on CPU
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    sequence_parallel: bool = False
+    recompute: bool = False
+    zero_stage: int = 1  # DeepSpeed ZeRO: 1 with PP; 1 or 2 without
+
+
+@dataclass
+class DataConfig:
+    blend: list = field(default_factory=list)  # [weight, prefix, weight, prefix, ...] of indexed datasets
+    split: str = "99,1,0"
+    seq_length: int = 2048
+    tokenizer: str | None = None  # default: model.source
+
+
+@dataclass
+class OptimConfig:
+    global_batch_size: int = 1024
+    micro_batch_size: int = 4
+    train_steps: int = 1000
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay)
+    decay_fraction: float = 0.1  # wsd: last fraction of steps that decays
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    clip_grad: float = 1.0
+    max_nonfinite_in_a_row: int = 10
+
+
+@dataclass
+class KDConfig:
+    enabled: bool = True
+    alpha: float = 0.5  # weight of the CE term; 1 - alpha on KL(teacher || student)
+    temperature: float = 1.0
+
+
+@dataclass
+class CheckpointConfig:
+    save_every: int = 1000
+    keep_last: int = 3
+    resume: str = "auto"  # auto | none | path
+
+
+@dataclass
+class EvalConfig:
+    every: int = 500
+    batches: int = 10
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 1
+    wandb_project: str = "relaxrec"
+    wandb_group: str | None = None
+    wandb_mode: str = "auto"  # auto (offline without WANDB_API_KEY) | online | offline | disabled
+
+
+@dataclass
+class TrainConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def tokens(self) -> int:
+        return self.optim.train_steps * self.optim.global_batch_size * self.data.seq_length
+
+    def validate(self, world_size: int | None = None) -> None:
+        o, p = self.optim, self.parallel
+        if not self.model.source and not self.model.relaxed:
+            raise UserError("model.source (or model.relaxed) is required")
+        if p.zero_stage not in (0, 1, 2):
+            raise UserError(f"parallel.zero_stage must be 0, 1 or 2, got {p.zero_stage}")
+        if p.pp > 1 and p.zero_stage > 1:
+            raise UserError("DeepSpeed ZeRO-2 cannot be combined with pipeline parallelism; use zero_stage=1")
+        if o.schedule not in ("cosine", "wsd"):
+            raise UserError(f"optim.schedule must be cosine or wsd, got {o.schedule!r}")
+        if not 0.0 <= self.kd.alpha <= 1.0 or self.kd.temperature <= 0:
+            raise UserError("kd.alpha must be in [0, 1] and kd.temperature > 0")
+        if len(self.data.blend) % 2 or not self.data.blend:
+            raise UserError("data.blend must be a non-empty list of weight, prefix pairs")
+        if world_size is not None:
+            if world_size % (p.tp * p.pp):
+                raise UserError(f"world size {world_size} is not a multiple of TP*PP = {p.tp * p.pp}")
+            dp = world_size // (p.tp * p.pp)
+            if o.global_batch_size % (o.micro_batch_size * dp):
+                raise UserError(f"global_batch_size {o.global_batch_size} is not a multiple of micro_batch_size "
+                                f"{o.micro_batch_size} x data-parallel size {dp}")
+
+
+def _build(cls, data: dict, where: str):
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise UserError(f"{where}.{key}: unknown key; valid keys: {', '.join(fields)}")
+        sub = _dataclass_type(fields[key].type)
+        default = cls().__getattribute__(key) if not sub else None
+        kwargs[key] = _build(sub, value, f"{where}.{key}") if sub else _coerce(value, default, f"{where}.{key}")
+    return cls(**kwargs)
+
+
+def _dataclass_type(annotation) -> type | None:
+    candidates = {c.__name__: c for c in (RunConfig, RecursionConfig, ModelConfig, ParallelConfig, DataConfig,
+                                          OptimConfig, KDConfig, CheckpointConfig, EvalConfig, LoggingConfig)}
+    return candidates.get(annotation if isinstance(annotation, str) else getattr(annotation, "__name__", ""))
+
+
+def _coerce(value: Any, like: Any, where: str) -> Any:
+    """YAML reads 3e-4 as a string (YAML 1.1): numbers are converted to the field's type."""
+    if isinstance(like, bool) or like is None or not isinstance(value, str):
+        return value
+    if isinstance(like, (int, float)):
+        try:
+            return type(like)(float(value)) if isinstance(like, float) else int(value)
+        except ValueError:
+            raise UserError(f"{where}: expected a number, got {value!r}") from None
+    return value
+
+
+def apply_override(cfg: TrainConfig, item: str) -> None:
+    key, sep, raw = item.partition("=")
+    if not sep:
+        raise UserError(f"override {item!r}: expected dotted.key=value")
+    obj, parts = cfg, key.split(".")
+    for p in parts[:-1]:
+        if not dataclasses.is_dataclass(obj) or not hasattr(obj, p):
+            raise UserError(f"override {item!r}: unknown key {key!r}")
+        obj = getattr(obj, p)
+    if not dataclasses.is_dataclass(obj) or parts[-1] not in {f.name for f in dataclasses.fields(obj)}:
+        raise UserError(f"override {item!r}: unknown key {key!r}")
+    setattr(obj, parts[-1], _coerce(yaml.safe_load(raw), getattr(obj, parts[-1]), key))
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    data.pop("notes", None)  # free text for humans (e.g. how the token budget is derived)
+    cfg = _build(TrainConfig, data, path.stem)
+    for item in overrides:
+        apply_override(cfg, item)
+    if isinstance(cfg.optim.betas, list):
+        cfg.optim.betas = tuple(cfg.optim.betas)
+    return cfg
+
+
+def lr_at(step: int, o: OptimConfig) -> float:
+    """Linear warmup, then cosine to min_lr, or warmup-stable-decay (linear decay over the last fraction)."""
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    if o.schedule == "cosine":
+        t = (step - o.warmup_steps) / max(1, o.train_steps - o.warmup_steps)
+        return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
+    decay_start = int(o.train_steps * (1 - o.decay_fraction))
+    if step < decay_start:
+        return o.lr
+    t = (step - decay_start) / max(1, o.train_steps - decay_start)
+    return o.lr + (o.min_lr - o.lr) * min(1.0, t)

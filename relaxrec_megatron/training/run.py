@@ -1,0 +1,162 @@
+"""`relaxrec train`: prepare the student and teacher checkpoints, build data, train, checkpoint, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from ..errors import UserError
+from .config import TrainConfig
+
+
+def resolve_source(source: str) -> str:
+    if source == "builtin:smollm2-135m":
+        from ..hf.smollm import smollm_checkpoint
+
+        return str(smollm_checkpoint())
+    return source
+
+
+def prepare_checkpoints(cfg: TrainConfig, run_dir: Path) -> tuple[Path, Path | None]:
+    """Relaxed student init and (for KD) the teacher as a 1-loop model: the source itself, exactly."""
+    from ..hf.convert import RecursionSpec, convert_to_relaxed
+
+    r = cfg.model.recursion
+    student = Path(cfg.model.relaxed) if cfg.model.relaxed else run_dir / "init" / "student"
+    teacher = run_dir / "init" / "teacher" if cfg.kd.enabled else None
+    dtype = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}[cfg.model.dtype]
+    if dist.get_rank() == 0:
+        source = resolve_source(cfg.model.source) if cfg.model.source else None
+        if not cfg.model.relaxed and not (student / "config.json").is_file():
+            spec = RecursionSpec(loops=r.loops, strategy=r.strategy, init=r.init, rank=r.rank, lora_init=r.lora_init,
+                                 share_norms=r.share_norms, share_biases=r.share_biases)
+            convert_to_relaxed(source, student, spec, dtype=dtype, overwrite=True)
+        if teacher is not None and not (teacher / "config.json").is_file():
+            if not source:
+                raise UserError("kd.enabled needs model.source (the teacher)")
+            convert_to_relaxed(source, teacher, RecursionSpec(loops=1, init="lower", rank=0), dtype=dtype,
+                               overwrite=True, progress=False)
+    dist.barrier()
+    return student, teacher
+
+
+def build_data(cfg: TrainConfig, student_dir: Path):
+    from .data import TokenizerInfo, build_datasets
+
+    hf = json.loads((student_dir / "config.json").read_text())
+    eos = hf.get("eos_token_id")
+    info = TokenizerInfo(vocab_size=hf["vocab_size"], eod=eos[0] if isinstance(eos, list) else eos)
+    train_samples = cfg.optim.train_steps * cfg.optim.global_batch_size
+    valid_samples = max(1, (cfg.optim.train_steps // max(1, cfg.eval.every) + 1) * cfg.eval.batches
+                        * cfg.optim.global_batch_size)
+    # megatron's builder lets rank 0 build the index caches first and synchronises the others itself
+    return build_datasets(cfg, info, train_samples, valid_samples)
+
+
+class Logger:
+    """Console on rank 0, and wandb (offline without WANDB_API_KEY)."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path, recursion: dict):
+        self.cfg, self.wandb = cfg, None
+        if dist.get_rank() != 0 or cfg.logging.wandb_mode == "disabled":
+            return
+        mode = cfg.logging.wandb_mode
+        if mode == "auto":
+            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+        os.environ.setdefault("WANDB_SILENT", "true")
+        try:
+            import wandb
+
+            self.wandb = wandb.init(project=cfg.logging.wandb_project, name=cfg.run.name, group=cfg.logging.wandb_group,
+                                    dir=str(run_dir), mode=mode, config={**asdict(cfg), "recursion": recursion},
+                                    resume="allow", id=cfg.run.name.replace("/", "-"))
+        except Exception as e:  # logging must never stop a run; say so once
+            print(f"[train] wandb disabled: {type(e).__name__}: {e}", flush=True)
+
+    def log(self, rec: dict, bar=None) -> None:
+        if dist.get_rank() != 0:
+            return
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in rec.items() if isinstance(v, (int, float))}, step=rec["step"])
+        line = (f"step {rec['step']:>6} loss {rec['loss']:.4f} lm {rec['lm_loss']:.4f} kd {rec['kd_loss']:.4f} "
+                f"lr {rec['lr']:.2e} gnorm {rec['grad_norm']:.3f} {rec['tokens_per_s']:.0f} tok/s")
+        if bar is not None:
+            bar.set_postfix_str(line)
+        else:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def train(cfg: TrainConfig, stop_after: int | None = None) -> list[dict]:
+    """Runs (or resumes) the configured uptraining; `stop_after` ends early (tests: a killed process)."""
+    from ..parallel.distributed import init_distributed
+    from .trainer import Trainer, latest_checkpoint
+
+    init_distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.run.seed)
+    cfg.validate(dist.get_world_size())
+    run_dir = Path(cfg.run.output_dir)
+    if dist.get_rank() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1, default=str))
+    student_dir, teacher_dir = prepare_checkpoints(cfg, run_dir)
+    train_ds, valid_ds = build_data(cfg, student_dir)
+    trainer = Trainer(cfg, student_dir, teacher_dir)
+    trainer.setup(train_ds, valid_ds)
+    ckpt_root = run_dir / "checkpoints"
+    resume = cfg.checkpoint.resume
+    latest = latest_checkpoint(ckpt_root) if resume == "auto" else (Path(resume) if resume not in ("none", "") else None)
+    if latest is not None:
+        trainer.load(latest)
+        if dist.get_rank() == 0:
+            print(f"[train] resumed from {latest} at step {trainer.step}", flush=True)
+    trainer.install_signal_handlers()
+    logger = Logger(cfg, run_dir, {k: trainer.settings.hf[k] for k in ("num_loops", "recursion_strategy",
+                                                                        "shared_init", "lora_ranks")})
+    bar = tqdm(total=cfg.optim.train_steps, initial=trainer.step, unit="step", desc="train",
+               disable=dist.get_rank() != 0, dynamic_ncols=True)
+    records = []
+    while trainer.step < cfg.optim.train_steps:
+        rec = trainer.train_step()
+        records.append(rec)
+        bar.update(1)
+        if rec["step"] % cfg.logging.every == 0:
+            logger.log(rec, bar if bar.disable is False and cfg.logging.every == 1 else None)
+        if cfg.eval.every and rec["step"] % cfg.eval.every == 0 and valid_ds is not None:
+            val = evaluate(trainer, valid_ds)
+            if logger.wandb is not None:
+                logger.wandb.log(val, step=rec["step"])
+            if dist.get_rank() == 0:
+                print(f"[eval] step {rec['step']} valid loss {val['valid_loss']:.4f} ppl {val['valid_ppl']:.2f}", flush=True)
+        done = trainer.step >= cfg.optim.train_steps
+        if done or trainer.stop_requested or rec["step"] % cfg.checkpoint.save_every == 0:
+            trainer.save(ckpt_root)
+        if trainer.stop_requested or (stop_after is not None and trainer.step >= stop_after):
+            break
+    bar.close()
+    logger.close()
+    return records
+
+
+def evaluate(trainer, dataset) -> dict:
+    from .data import micro_batches
+
+    cfg = trainer.cfg
+    trainer.model.eval()
+    losses = []
+    with torch.no_grad():
+        for b in range(cfg.eval.batches):
+            batches = micro_batches(dataset, b * cfg.optim.global_batch_size, cfg.optim.global_batch_size,
+                                    cfg.optim.micro_batch_size, trainer.dp_rank, trainer.dp)
+            losses.append(trainer._loss_step(batches, forward_only=True)[1]["lm_loss"])
+    mean = sum(losses) / len(losses)
+    return {"valid_loss": mean, "valid_ppl": float(torch.tensor(mean).exp())}

@@ -1,0 +1,300 @@
+"""The uptraining loop: megatron-core pipeline schedules for forward/backward, DeepSpeed ZeRO for the
+optimizer state, distillation from the frozen source model, atomic resumable checkpoints.
+
+One step: this rank's micro-batches of the global batch -> schedule (the loss is the mean over the
+micro-batch tokens) -> gradient contracts of the recursive model (parallel.grads) -> non-finite
+check -> DeepSpeed step (ZeRO reduces over DP and updates its shard; it is run with
+managed_gradient_accumulation=false, so step() is the accumulation boundary of the external backward).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..errors import UserError
+from .config import TrainConfig, lr_at
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class MegatronMpu:
+    """The model-parallel unit DeepSpeed asks for (TP x PP as "model parallel"), from megatron's parallel_state."""
+
+    def __init__(self):
+        from megatron.core import parallel_state as ps
+
+        self.ps = ps
+
+    def get_model_parallel_group(self):
+        return self.ps.get_model_parallel_group()
+
+    def get_model_parallel_world_size(self):
+        return dist.get_world_size(self.ps.get_model_parallel_group())
+
+    def get_model_parallel_rank(self):
+        return dist.get_rank(self.ps.get_model_parallel_group())
+
+    def get_data_parallel_group(self):
+        return self.ps.get_data_parallel_group()
+
+    def get_data_parallel_world_size(self):
+        return self.ps.get_data_parallel_world_size()
+
+    def get_data_parallel_rank(self):
+        return self.ps.get_data_parallel_rank()
+
+    # No get_tensor_model_parallel_* on purpose: DeepSpeed then counts a parameter in its global
+    # gradient norm by the model-parallel (TP x PP) rank, which `mark_unique_for_norms` sets per copy.
+
+
+def deepspeed_config(cfg: TrainConfig, micro_batches: int, dp: int) -> dict:
+    return {
+        "train_batch_size": cfg.optim.global_batch_size,
+        "train_micro_batch_size_per_gpu": cfg.optim.micro_batch_size,
+        "gradient_accumulation_steps": micro_batches,
+        "managed_gradient_accumulation": False,
+        "gradient_clipping": cfg.optim.clip_grad,
+        "zero_optimization": {"stage": cfg.parallel.zero_stage, "overlap_comm": False},
+        "bf16": {"enabled": cfg.model.dtype == "bf16"},
+        "fp16": {"enabled": cfg.model.dtype == "fp16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, student_dir: str | Path, teacher_dir: str | Path | None):
+        self.cfg = cfg
+        self.student_dir, self.teacher_dir = Path(student_dir), teacher_dir and Path(teacher_dir)
+        self.stop_requested = False
+        self.step = 0
+        self.consumed = 0
+        self.nonfinite_in_a_row = 0
+        self.skipped = 0
+        self.history: list[dict] = []
+
+    # -- setup ----------------------------------------------------------------------------------
+    def setup(self, train_dataset, valid_dataset=None) -> None:
+        import deepspeed
+        from megatron.core import parallel_state as ps
+
+        from ..hf.checkpoint import CheckpointReader
+        from ..model.settings import ParallelLayout, RelaxedSettings
+        from ..model.state_adapter import load_canonical
+        from ..parallel.distributed import build_model
+        from ..parallel.grads import mark_unique_for_norms, shared_layer_groups
+        from .distill import DistillationModel
+
+        cfg, p = self.cfg, self.cfg.parallel
+        dtype = DTYPES[cfg.model.dtype]
+        layout = ParallelLayout(tp=p.tp, pp=p.pp, sequence_parallel=p.sequence_parallel, recompute=p.recompute)
+        reader = CheckpointReader(self.student_dir)
+        self.settings = RelaxedSettings(reader.config, layout)
+        student = build_model(self.settings, dtype)
+        load_canonical(student, self.settings, reader.get)
+        self.student = student
+        self.groups = shared_layer_groups(self.settings)
+        mark_unique_for_norms(student, self.settings)
+        model = student
+        if cfg.kd.enabled:
+            t_reader = CheckpointReader(self.teacher_dir)
+            t_settings = RelaxedSettings(t_reader.config, layout)
+            teacher = build_model(t_settings, dtype)
+            load_canonical(teacher, t_settings, t_reader.get)
+            model = DistillationModel(student, teacher, cfg.kd.alpha, cfg.kd.temperature)
+        self.model = model
+        self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        self.micro = cfg.optim.global_batch_size // (cfg.optim.micro_batch_size * self.dp)
+        o = cfg.optim
+        decay, no_decay = [], []
+        for name, prm in student.named_parameters():
+            (no_decay if prm.dim() < 2 or "norm" in name else decay).append(prm)
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}],
+                                      lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=student, optimizer=optimizer, config=deepspeed_config(cfg, self.micro, self.dp), mpu=MegatronMpu(),
+            dist_init_required=False)
+        self.train_dataset, self.valid_dataset = train_dataset, valid_dataset
+
+    # -- one step -------------------------------------------------------------------------------
+    def _loss_step(self, batches: list[dict], forward_only: bool = False) -> tuple[float, dict]:
+        """Runs the schedule; returns (mean loss over tokens, parts) on every rank (broadcast from the last stage)."""
+        from megatron.core import parallel_state as ps
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        kd = self.cfg.kd.enabled
+        model = self.model
+
+        def loss_func(batch, output):
+            mask = batch["loss_mask"].float()
+            n = mask.sum().clamp_min(1)
+            loss = (output.float() * mask).sum() / n
+            reported = {"loss": loss.detach().clone()}  # megatron scales the returned loss in place
+            if kd and model.last_parts is not None:
+                ce, kl = model.last_parts
+                reported.update(lm_loss=(ce * mask).sum() / n, kd_loss=(kl * mask).sum() / n)
+            return loss, reported
+
+        if self.cfg.parallel.pp == 1:
+            stored = []  # no pipeline: DeepSpeed drives each backward (ZeRO-2 reduces gradients per backward)
+            for batch in batches:
+                with torch.set_grad_enabled(not forward_only):
+                    loss, reported = loss_func(batch, model(batch["tokens"], labels=batch["labels"]))
+                if not forward_only:
+                    self.engine.backward(loss)  # scales by 1 / micro-batches, like the schedule
+                stored.append(reported)
+        else:
+            def step(data_iterator, _model):
+                batch = next(data_iterator)
+                return model(batch["tokens"], labels=batch["labels"]), lambda out, b=batch: loss_func(b, out)
+
+            seq, mbs = batches[0]["tokens"].shape[1], batches[0]["tokens"].shape[0]
+            stored = get_forward_backward_func()(
+                forward_step_func=step, data_iterator=iter(batches), model=[model], num_microbatches=len(batches),
+                seq_length=seq * (2 if kd else 1), micro_batch_size=mbs, forward_only=forward_only)
+        values = torch.zeros(3, dtype=torch.float64)
+        if stored:
+            for rep in stored:
+                values[0] += float(rep["loss"])
+                values[1] += float(rep.get("lm_loss", rep["loss"]))
+                values[2] += float(rep.get("kd_loss", 0.0))
+            values /= len(stored)
+        # from the last stage to every rank of the pipeline, then averaged over DP
+        last = dist.get_process_group_ranks(ps.get_pipeline_model_parallel_group())[-1]
+        dist.broadcast(values, src=last, group=ps.get_pipeline_model_parallel_group())
+        dist.all_reduce(values, group=ps.get_data_parallel_group())
+        values /= self.dp
+        return float(values[0]), {"lm_loss": float(values[1]), "kd_loss": float(values[2])}
+
+    def _grads_finite(self) -> bool:
+        """Every rank's gradients finite (ZeRO-2 keeps them in DeepSpeed's partitions, others in .grad)."""
+        if self.cfg.parallel.zero_stage >= 2:
+            groups = (getattr(self.optimizer, "averaged_gradients", None) or {}).values()
+            tensors = [t for group in groups if group for t in group if t is not None]
+        else:
+            tensors = [p.grad for p in self.student.parameters() if p.grad is not None]
+        bad = torch.zeros(1)
+        for t in tensors:
+            if not torch.isfinite(t).all():
+                bad += 1
+                break
+        dist.all_reduce(bad)  # over the world: skip everywhere or nowhere
+        return float(bad) == 0
+
+    def train_step(self) -> dict:
+        from ..parallel.grads import finalize_grads
+        from .data import micro_batches
+
+        cfg = self.cfg
+        lr = lr_at(self.step, cfg.optim)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        batches = micro_batches(self.train_dataset, self.consumed, cfg.optim.global_batch_size,
+                                cfg.optim.micro_batch_size, self.dp_rank, self.dp)
+        t0 = time.perf_counter()
+        loss, parts = self._loss_step(batches)
+        finalize_grads(self.student, self.settings, self.groups)
+        finite = self._grads_finite() and math.isfinite(loss)
+        grad_norm = float("nan")
+        if finite:
+            self.engine.step()
+            grad_norm = float(self.engine.get_global_grad_norm() or 0.0)  # DeepSpeed's, before clipping
+            self.nonfinite_in_a_row = 0
+        else:  # skip the update, keep the data position moving
+            self.engine.zero_grad() if hasattr(self.engine, "zero_grad") else self.student.zero_grad()
+            self.optimizer.zero_grad()
+            self.skipped += 1
+            self.nonfinite_in_a_row += 1
+            if self.nonfinite_in_a_row >= cfg.optim.max_nonfinite_in_a_row:
+                raise UserError(f"{self.nonfinite_in_a_row} non-finite steps in a row at step {self.step}; "
+                                "lower optim.lr or check the data")
+        for prm in self.student.parameters():
+            prm.grad = None
+        self.step += 1
+        self.consumed += cfg.optim.global_batch_size
+        seconds = time.perf_counter() - t0
+        tokens = cfg.optim.global_batch_size * cfg.data.seq_length
+        rec = {"step": self.step, "loss": loss, **parts, "lr": lr, "grad_norm": grad_norm, "skipped": self.skipped,
+               "tokens_per_s": tokens / seconds, "seconds": seconds, "finite": finite,
+               "optimizer_state_bytes": self.optimizer_state_bytes()}
+        self.history.append(rec)
+        return rec
+
+    def optimizer_state_bytes(self) -> int:
+        """Bytes of optimizer state held by this rank (Adam moments; ZeRO shards them over DP)."""
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        return sum(t.numel() * t.element_size() for st in inner.state.values() for t in st.values()
+                   if torch.is_tensor(t) and t.dim() > 0)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def save(self, root: str | Path) -> Path:
+        """step_{N}/ (model dist checkpoint, DeepSpeed optimizer shards, trainer state); `latest` is written
+        after every rank finished, so a crash mid-save leaves the previous checkpoint the latest."""
+        from ..model import checkpoint as mckpt
+
+        root = Path(root)
+        folder = root / f"step_{self.step:08d}"
+        if dist.get_rank() == 0:
+            shutil.rmtree(folder, ignore_errors=True)
+        dist.barrier()
+        mckpt.save(self.student, self.settings, folder / "model")
+        self.engine.save_checkpoint(str(folder / "optimizer"), tag="state", save_latest=False,
+                                    exclude_frozen_parameters=True)
+        state = {"step": self.step, "consumed": self.consumed, "skipped": self.skipped,
+                 "nonfinite_in_a_row": self.nonfinite_in_a_row, "config": asdict(self.cfg)}
+        torch.save({"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()
+                    if torch.cuda.is_available() else None}, folder / f"rng_rank{dist.get_rank()}.pt")
+        dist.barrier()
+        if dist.get_rank() == 0:
+            (folder / "trainer_state.json").write_text(json.dumps(state, indent=1, default=str))
+            tmp = root / "latest.tmp"
+            tmp.write_text(folder.name)
+            os.replace(tmp, root / "latest")
+            kept = sorted(p for p in root.glob("step_*") if p.is_dir())
+            for old in kept[: max(0, len(kept) - self.cfg.checkpoint.keep_last)]:
+                shutil.rmtree(old, ignore_errors=True)
+        dist.barrier()
+        return folder
+
+    def load(self, folder: str | Path) -> None:
+        from ..model import checkpoint as mckpt
+
+        folder = Path(folder)
+        mckpt.load(self.student, self.settings, folder / "model")
+        self.engine.load_checkpoint(str(folder / "optimizer"), tag="state", load_module_strict=False,
+                                    load_optimizer_states=True, load_lr_scheduler_states=False)
+        # DeepSpeed restores the module weights it saved; the dist checkpoint is the source of truth
+        mckpt.load(self.student, self.settings, folder / "model")
+        state = json.loads((folder / "trainer_state.json").read_text())
+        self.step, self.consumed = state["step"], state["consumed"]
+        self.skipped, self.nonfinite_in_a_row = state["skipped"], state["nonfinite_in_a_row"]
+        rng = torch.load(folder / f"rng_rank{dist.get_rank()}.pt", weights_only=False)
+        torch.set_rng_state(rng["torch"])
+
+    # -- signals --------------------------------------------------------------------------------
+    def install_signal_handlers(self) -> None:
+        """SIGTERM / SIGUSR1 (slurm preemption): finish the step, save, exit."""
+        def handler(signum, frame):
+            self.stop_requested = True
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, handler)
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    marker = Path(root) / "latest"
+    if not marker.is_file():
+        return None
+    folder = Path(root) / marker.read_text().strip()
+    return folder if (folder / "trainer_state.json").is_file() else None

@@ -1,0 +1,100 @@
+"""Uptraining on CPU (gloo, fp32, tiny models): DeepSpeed ZeRO vs DP=1, pipeline + TP, resume,
+crash-safe checkpoints, non-finite steps."""
+
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+from megatron_jobs import train_job
+from mp_world import run_world
+from relaxrec_megatron.training.trainer import latest_checkpoint
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    g = torch.Generator().manual_seed(0)
+    builder = IndexedDatasetBuilder(str(root / "data.bin"), dtype=np.uint16)
+    for _ in range(200):
+        doc = torch.randint(3, 96, (int(torch.randint(20, 60, (1,), generator=g)),), generator=g).tolist() + [2]
+        builder.add_document(torch.tensor(doc), [len(doc)])
+    builder.finalize(str(root / "data.idx"))
+    (root / "c.yaml").write_text(f"""
+run: {{name: tiny, output_dir: {root}/run, seed: 1}}
+model: {{source: {tiny_dirs['llama']}, recursion: {{loops: 2, rank: 4}}, dtype: fp32}}
+parallel: {{tp: 1, pp: 1, zero_stage: 1}}
+data: {{blend: [1.0, {root}/data], split: "90,10,0", seq_length: 16}}
+optim: {{global_batch_size: 8, micro_batch_size: 2, train_steps: 10, lr: 1.0e-3, min_lr: 1.0e-4, warmup_steps: 2}}
+kd: {{enabled: true, alpha: 0.5, temperature: 1.0}}
+checkpoint: {{save_every: 100, keep_last: 2, resume: auto}}
+eval: {{every: 0, batches: 2}}
+logging: {{every: 1, wandb_mode: disabled}}
+""")
+    return root
+
+
+def run(root: Path, name: str, world: int, overrides=(), fresh=True, **kw) -> list[dict]:
+    out = root / name
+    if fresh:
+        shutil.rmtree(root / f"run-{name}", ignore_errors=True)
+    overrides = [f"run.output_dir={root}/run-{name}", *overrides]
+    run_world(train_job, world, str(root / "c.yaml"), overrides, str(out), kw.get("stop_after"),
+              kw.get("nan_steps", ()), kw.get("crash_in_save_at"), timeout=600)
+    return torch.load(f"{out}.rank0.pt", weights_only=False)
+
+
+def losses(records):
+    return torch.tensor([r["loss"] for r in records], dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def baseline(setup):
+    return run(setup, "dp1", 1)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero_over_two_ranks_matches_one_rank(setup, baseline, stage):
+    got = run(setup, f"dp2z{stage}", 2, [f"parallel.zero_stage={stage}"])
+    rel = ((losses(got) - losses(baseline)).abs() / losses(baseline).abs()).max().item()
+    assert rel <= 1e-5, rel
+    # optimizer state bytes per rank fall as 1/DP
+    assert got[-1]["optimizer_state_bytes"] == pytest.approx(baseline[-1]["optimizer_state_bytes"] / 2, rel=0.02)
+    assert losses(baseline)[-3:].mean() < losses(baseline)[:3].mean()  # it learns
+
+
+def test_pipeline_and_tensor_parallel_match_one_rank(setup, baseline):
+    got = run(setup, "pp2", 2, ["parallel.pp=2"])
+    assert ((losses(got) - losses(baseline)).abs() / losses(baseline)).max() <= 1e-5
+    got = run(setup, "tp2", 2, ["parallel.tp=2"])
+    assert ((losses(got) - losses(baseline)).abs() / losses(baseline)).max() <= 1e-5
+    assert [r["grad_norm"] for r in got] == pytest.approx([r["grad_norm"] for r in baseline], rel=1e-5)
+
+
+def test_resume_gives_identical_losses(setup, baseline):
+    first = run(setup, "resume", 2, ["checkpoint.save_every=5"], stop_after=5)
+    assert len(first) == 5 and latest_checkpoint(setup / "run-resume" / "checkpoints").name == "step_00000005"
+    second = run(setup, "resume", 2, ["checkpoint.save_every=5"], fresh=False)
+    assert [r["step"] for r in second] == list(range(6, 11))
+    assert torch.equal(losses(first + second), losses(run(setup, "straight", 2, ["checkpoint.save_every=5"])))
+
+
+def test_a_crash_mid_save_leaves_the_previous_checkpoint(setup):
+    with pytest.raises(RuntimeError, match="exited with codes"):
+        run(setup, "crash", 1, ["checkpoint.save_every=3"], crash_in_save_at=6)
+    ckpt = setup / "run-crash" / "checkpoints"
+    assert latest_checkpoint(ckpt).name == "step_00000003"
+    resumed = run(setup, "crash", 1, ["checkpoint.save_every=3"], fresh=False)
+    assert resumed[0]["step"] == 4 and resumed[-1]["step"] == 10
+
+
+def test_non_finite_steps_are_skipped_and_then_stop(setup):
+    got = run(setup, "nan", 1, [], nan_steps=(3, 4))
+    assert [r["finite"] for r in got[2:5]] == [False, False, True] and got[-1]["skipped"] == 2
+    with pytest.raises(RuntimeError, match="3 non-finite steps in a row"):
+        run(setup, "nan-stop", 1, ["optim.max_nonfinite_in_a_row=3"], nan_steps=(2, 3, 4, 5))
+
