@@ -111,7 +111,7 @@ def train_job(config_path: str, overrides: list[str], out_path: str, stop_after=
 
     from relaxrec_megatron.training import trainer as trainer_mod
     from relaxrec_megatron.training.config import load_config
-    from relaxrec_megatron.training.run import train
+    from relaxrec_megatron.training.run import train, train_entry
 
     original_loss_step, original_save = trainer_mod.Trainer._loss_step, trainer_mod.Trainer.save
 
@@ -132,6 +132,8 @@ def train_job(config_path: str, overrides: list[str], out_path: str, stop_after=
         return original_save(self, root)
 
     trainer_mod.Trainer._loss_step, trainer_mod.Trainer.save = poisoned, crashing_save
+    if stop_after is None:
+        return train_entry(config_path, overrides, out_path)
 
     records = train(load_config(config_path, overrides), stop_after=stop_after)
     import torch.distributed as dist

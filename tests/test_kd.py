@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_jobs import kd_job
-from mp_world import run_world
+from relaxrec_megatron.parallel.local_world import run_world
 
 
 def reference(student, teacher, labels, alpha, T):

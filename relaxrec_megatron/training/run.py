@@ -160,3 +160,12 @@ def evaluate(trainer, dataset) -> dict:
             losses.append(trainer._loss_step(batches, forward_only=True)[1]["lm_loss"])
     mean = sum(losses) / len(losses)
     return {"valid_loss": mean, "valid_ppl": float(torch.tensor(mean).exp())}
+
+
+def train_entry(config_path: str, overrides: list[str], records_path: str | None = None) -> None:
+    """Entry of one local rank (parallel.local_world.run_world): train, optionally save the records."""
+    from .config import load_config
+
+    records = train(load_config(config_path, overrides))
+    if records_path is not None:
+        torch.save(records, f"{records_path}.rank{dist.get_rank()}.pt")

@@ -126,6 +126,11 @@ class Trainer:
             model=student, optimizer=optimizer, config=deepspeed_config(cfg, self.micro, self.dp), mpu=MegatronMpu(),
             dist_init_required=False)
         self.train_dataset, self.valid_dataset = train_dataset, valid_dataset
+        from .flops import peak_flops, train_flops_per_token
+
+        teacher_cfg = CheckpointReader(self.teacher_dir).config if cfg.kd.enabled else None
+        self.flops_per_token = train_flops_per_token(reader.config, teacher_cfg, cfg.data.seq_length)
+        self.peak = peak_flops()
 
     # -- one step -------------------------------------------------------------------------------
     def _loss_step(self, batches: list[dict], forward_only: bool = False) -> tuple[float, dict]:
@@ -229,6 +234,11 @@ class Trainer:
         rec = {"step": self.step, "loss": loss, **parts, "lr": lr, "grad_norm": grad_norm, "skipped": self.skipped,
                "tokens_per_s": tokens / seconds, "seconds": seconds, "finite": finite,
                "optimizer_state_bytes": self.optimizer_state_bytes()}
+        if torch.cuda.is_available():
+            tflops = self.flops_per_token * tokens / seconds / dist.get_world_size() / 1e12
+            rec.update(tflops_per_gpu=tflops, memory_gb=torch.cuda.max_memory_allocated() / 1e9)
+            if self.peak is not None:
+                rec["mfu"] = tflops * 1e12 / self.peak
         self.history.append(rec)
         return rec
 

@@ -1,18 +1,14 @@
-"""Run a function on N CPU processes with gloo on 127.0.0.1 (free port, timeout, tracebacks surfaced)."""
+"""Run a function on N local processes (gloo on 127.0.0.1 without CUDA): free port, timeout, the
+first failing rank's traceback surfaced. Used by the demo and the tests; clusters use torchrun."""
 
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from .distributed import free_port
 
 
 def _entry(rank, world, port, fn, args, errors):

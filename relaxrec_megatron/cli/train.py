@@ -1,0 +1,34 @@
+"""relaxrec train --config X.yaml [dotted.key=value ...]: uptrain (run it under torchrun for several ranks)."""
+
+from __future__ import annotations
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("train", help="uptrain a relaxed recursive model (megatron-core + DeepSpeed ZeRO + KD)",
+                       description=__doc__)
+    p.add_argument("--config", required=True, help="YAML run config (configs/*.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4 parallel.tp=2")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    import json
+    import os
+    from dataclasses import asdict
+
+    from ..training.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(json.dumps(asdict(cfg), indent=1, default=str))
+        return 0
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")  # a single process without torchrun
+    os.environ.setdefault("MASTER_PORT", "29500")
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    from ..training.run import train
+
+    train(cfg)
+    return 0
