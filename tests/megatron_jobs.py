@@ -104,7 +104,7 @@ def kd_job(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, a
 
 
 def train_job(config_path: str, overrides: list[str], out_path: str, stop_after=None, nan_steps=(),
-              crash_in_save_at=None) -> None:
+              crash_in_save_at=None, sigterm_at=None) -> None:
     """Runs `relaxrec train` in this world; saves the per-step records and optimizer-state bytes.
     nan_steps: poison the gradients at these steps; crash_in_save_at: die half-way through that step's save."""
     import os
@@ -131,7 +131,18 @@ def train_job(config_path: str, overrides: list[str], out_path: str, stop_after=
             os._exit(17)  # killed mid-save: model written, optimizer state and `latest` not
         return original_save(self, root)
 
+    original_step = trainer_mod.Trainer.train_step
+
+    def step_then_signal(self):
+        rec = original_step(self)
+        if self.step == sigterm_at:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGTERM)  # as slurm does before preempting
+        return rec
+
     trainer_mod.Trainer._loss_step, trainer_mod.Trainer.save = poisoned, crashing_save
+    trainer_mod.Trainer.train_step = step_then_signal
     if stop_after is None:
         return train_entry(config_path, overrides, out_path)
 

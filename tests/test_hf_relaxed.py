@@ -177,3 +177,14 @@ def test_trust_remote_code_loads_without_the_package(tiny_dirs, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     expected = logits(load(tmp_path / "rel"), torch.arange(12)[None] % 90).sum().item()
     assert float(out.stdout.strip().splitlines()[-1]) == pytest.approx(expected, rel=1e-5)
+
+
+def test_pytorch_bin_checkpoints_convert_too(tmp_path):
+    from tiny import tiny_model
+
+    model = tiny_model("llama", seed=3)
+    (tmp_path / "bin").mkdir()
+    model.config.save_pretrained(tmp_path / "bin")
+    torch.save(model.state_dict(), tmp_path / "bin" / "pytorch_model.bin")  # the pre-safetensors format
+    convert_to_relaxed(str(tmp_path / "bin"), tmp_path / "rel", full_rank_spec("cycle"), progress=False)
+    assert (logits(model, ids_batch()) - logits(load(tmp_path / "rel"), ids_batch())).abs().max() <= LOGIT_TOL

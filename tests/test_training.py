@@ -44,7 +44,7 @@ def run(root: Path, name: str, world: int, overrides=(), fresh=True, **kw) -> li
         shutil.rmtree(root / f"run-{name}", ignore_errors=True)
     overrides = [f"run.output_dir={root}/run-{name}", *overrides]
     run_world(train_job, world, str(root / "c.yaml"), overrides, str(out), kw.get("stop_after"),
-              kw.get("nan_steps", ()), kw.get("crash_in_save_at"), timeout=600)
+              kw.get("nan_steps", ()), kw.get("crash_in_save_at"), kw.get("sigterm_at"), timeout=600)
     return torch.load(f"{out}.rank0.pt", weights_only=False)
 
 
@@ -80,7 +80,26 @@ def test_resume_gives_identical_losses(setup, baseline):
     assert len(first) == 5 and latest_checkpoint(setup / "run-resume" / "checkpoints").name == "step_00000005"
     second = run(setup, "resume", 2, ["checkpoint.save_every=5"], fresh=False)
     assert [r["step"] for r in second] == list(range(6, 11))
-    assert torch.equal(losses(first + second), losses(run(setup, "straight", 2, ["checkpoint.save_every=5"])))
+    straight = run(setup, "straight", 2, ["checkpoint.save_every=5", "eval.every=5"])  # evaluation on the way
+    assert torch.equal(losses(first + second), losses(straight))
+
+
+def test_training_checkpoint_exports_to_hf_with_the_same_logits(setup, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    import relaxrec_megatron  # noqa: F401
+    from megatron_jobs import load_job
+    from relaxrec_megatron.model.convert_megatron import megatron_to_relaxed
+
+    run(setup, "export", 2, ["checkpoint.save_every=10"])
+    model_ckpt = latest_checkpoint(setup / "run-export" / "checkpoints") / "model"
+    megatron_to_relaxed(model_ckpt, tmp_path / "hf")
+    tokens = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(5))
+    run_world(load_job, 2, str(tmp_path / "hf"), 1, 2, str(model_ckpt), tokens, str(tmp_path / "mcore.pt"),
+              timeout=600)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        assert (hf(tokens).logits - torch.load(tmp_path / "mcore.pt")).abs().max() <= 1e-4
 
 
 def test_a_crash_mid_save_leaves_the_previous_checkpoint(setup):
@@ -90,6 +109,12 @@ def test_a_crash_mid_save_leaves_the_previous_checkpoint(setup):
     assert latest_checkpoint(ckpt).name == "step_00000003"
     resumed = run(setup, "crash", 1, ["checkpoint.save_every=3"], fresh=False)
     assert resumed[0]["step"] == 4 and resumed[-1]["step"] == 10
+
+
+def test_sigterm_saves_and_stops(setup):
+    got = run(setup, "sigterm", 1, ["checkpoint.save_every=100"], sigterm_at=4)
+    assert [r["step"] for r in got] == [1, 2, 3, 4]
+    assert latest_checkpoint(setup / "run-sigterm" / "checkpoints").name == "step_00000004"
 
 
 def test_non_finite_steps_are_skipped_and_then_stop(setup):

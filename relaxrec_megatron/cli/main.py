@@ -8,10 +8,10 @@ import sys
 import warnings
 
 from ..errors import UserError
-from . import bench, convert, data, demo, export, generate, params, train
+from . import bench, compare, convert, data, demo, export, generate, params, train
 
 COMMANDS = {"convert": convert, "export": export, "params": params, "data": data, "train": train,
-            "generate": generate, "bench": bench, "demo": demo}
+            "generate": generate, "bench": bench, "compare": compare, "demo": demo}
 
 
 def build_parser() -> argparse.ArgumentParser:
