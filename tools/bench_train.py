@@ -72,7 +72,7 @@ logging: {{wandb_mode: disabled}}
         recs = torch.load(f"{out}.rank0.pt", weights_only=False)
         rate[name] = statistics.median(r["tokens_per_s"] for r in recs[2:])  # after warm-up
     print(f"training tokens/s, hidden {a.hidden}, {a.layers} layers (relaxed: {a.layers // 2} shared x 2 loops, "
-          f"LoRA rank {a.rank}), seq {a.seq}, {a.world} processes, {torch.get_num_threads()} threads each")
+          f"LoRA rank {a.rank}), seq {a.seq}, {a.world} processes of 1 thread (parallel.local_world)")
     for name, r in rate.items():
         print(f"  {name:<36} {r:9.0f} tokens/s")
     keys = list(rate)
