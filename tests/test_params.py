@@ -1,7 +1,6 @@
 """Parameter figures of the paper's models (shared/notes/paper.md), from the shipped config.json files."""
 
 import json
-from pathlib import Path
 
 import pytest
 

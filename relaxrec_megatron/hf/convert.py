@@ -196,7 +196,7 @@ def format_report(report: dict) -> str:
     for r in report["rows"]:
         by_layer.setdefault(r["layer"], {"shared": r["shared"], "loop": r["loop"]})[r["module"]] = r["rel_error"]
     ranks = report["ranks"]
-    lines = [f"relative reconstruction error ||W - (W' + BA)||_F / ||W||_F  (ranks: "
+    lines = ["relative reconstruction error ||W - (W' + BA)||_F / ||W||_F  (ranks: "
              + ", ".join(f"{m}={ranks.get(m, 0)}" for m in modules) + ")",
              f"{'layer':>5} {'shared':>6} {'loop':>4} " + " ".join(f"{m:>8}" for m in modules) + f" {'mean':>8}"]
     for l in sorted(by_layer):
