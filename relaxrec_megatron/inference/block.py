@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..model import numerics
 from .kv_cache import KVCache
 from .weights import EngineWeights, LayerW, LinearW, NormW
 
@@ -51,18 +52,10 @@ def linear(x: torch.Tensor, w: LinearW, tb: TokenBatch) -> torch.Tensor:
 
 
 def norm(x: torch.Tensor, nw: NormW, cfg, loop: torch.Tensor | None) -> torch.Tensor:
-    """The HF reference model's numerics (Llama casts then scales, Gemma scales in fp32 with 1 + w)."""
+    """The source's norm; per-loop weights are gathered for each token's loop."""
     w = nw.weight[loop] if nw.per_loop else nw.weight
     b = None if nw.bias is None else (nw.bias[loop] if nw.per_loop else nw.bias)
-    if cfg.norm_type == "layernorm":
-        if not nw.per_loop:
-            return F.layer_norm(x, (x.shape[-1],), w, b, cfg.norm_eps)
-        return F.layer_norm(x, (x.shape[-1],), None, None, cfg.norm_eps) * w + b
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + cfg.norm_eps)
-    if cfg.norm_zero_centered:
-        return (xf * (1.0 + w.float())).type_as(x)
-    return w * xf.to(x.dtype)
+    return numerics.norm(x, w, b, cfg.norm_type, cfg.norm_zero_centered, cfg.norm_eps)
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

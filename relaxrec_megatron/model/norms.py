@@ -1,26 +1,12 @@
-"""Norms with the source models' exact numerics, shared or one per loop.
-
-megatron-core's WrappedTorchNorm has no zero-centred RMSNorm (Gemma's 1 + w) and its RMSNorm does
-not cast like HF Llama's; these match the HF reference in any dtype.
-"""
+"""Norms with the source models' exact numerics (model/numerics.py), shared or one per loop."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .lora_linear import LoopAware
-
-
-def norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kind: str, zero_centered: bool,
-         eps: float) -> torch.Tensor:
-    if kind == "layernorm":
-        return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
-    xf = F.rms_norm(x.float(), (x.shape[-1],), eps=eps)  # fp32 statistics, like HF
-    if zero_centered:
-        return (xf * (1.0 + weight.float())).type_as(x)
-    return weight * xf.to(x.dtype)
+from .numerics import norm
 
 
 class LoopedNorm(nn.Module, LoopAware):
