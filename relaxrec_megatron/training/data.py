@@ -25,13 +25,6 @@ class TokenizerInfo:
         return {"class": "TokenizerInfo", "vocab_size": self.vocab_size, "eod": self.eod}
 
 
-def tokenizer_info(name_or_path: str) -> TokenizerInfo:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(name_or_path)
-    return TokenizerInfo(vocab_size=len(tok), eod=tok.eos_token_id)
-
-
 def build_datasets(cfg: TrainConfig, tokenizer: TokenizerInfo, train_samples: int, valid_samples: int):
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
