@@ -10,7 +10,7 @@ import relaxrec_megatron  # noqa: F401
 from relaxrec_megatron.hf.convert import RecursionSpec, convert_to_relaxed
 from relaxrec_megatron.hf.export import export_unrolled
 from relaxrec_megatron.inference import block
-from relaxrec_megatron.inference.bench import simulate
+from relaxrec_megatron.inference.bench import run_benchmark, sampled_exit_traces, simulate
 from relaxrec_megatron.inference.engine import Engine, ExitPolicy, Request, mean_loops_per_token, oracle_exit_trace
 from relaxrec_megatron.inference.weights import engine_weights, unrolled_weights
 
@@ -123,10 +123,41 @@ def test_exited_tokens_get_their_deeper_kv_filled(served):
     stats = engine.run(reqs)
     assert stats.exits_per_loop == [NEW - 1, 0] and mean_loops_per_token(reqs) == 1.0
     n = len(prompts[0])
-    decoded = range(n, n + NEW - 1)  # positions of tokens that ran loop 0 only
+    read_later = range(n, n + NEW - 2)  # tokens that ran loop 0 only, attended to by a later token
     for layer in range(w.num_shared):
-        assert all(engine.cache.k[0, 1, layer, p].abs().sum() > 0 for p in decoded)
-        assert engine.cache.k[0, 1, layer, n + NEW - 1].abs().sum() == 0  # the last token was never fed back
+        assert all(engine.cache.k[0, 1, layer, p].abs().sum() > 0 for p in read_later)
+        # the token that produced the last output is never read again, so its fill is skipped
+        assert engine.cache.k[0, 1, layer, n + NEW - 2].abs().sum() == 0
+
+
+def test_filled_kv_equals_the_skipped_layers_projections(served):
+    """Every token exits after loop 0; its loop-1 K/V must be loop 1's projections (own norm, own LoRA)
+    of its exit hidden state, which is the reference model's hidden state after the first K layers."""
+    from relaxrec_megatron.hf.modeling_relaxrec import apply_rotary
+
+    model, w, prompts, _, _ = served["llama-relaxed-2"]  # per-loop norms, rank 4
+    engine = Engine(w, mode="cdb", max_batch=1, max_len=64, exit_policy=ExitPolicy("maxprob", 0.0))
+    reqs = requests(prompts[:1], None)
+    engine.run(reqs)
+    seq = torch.tensor([prompts[0] + reqs[0].output[:-1]])
+    K, hd, cfg = w.num_shared, model.config.head_dim, model.config
+    seen = []
+    hook = model.model.layers[K - 1].register_forward_hook(lambda m, a, out: seen.append(out))
+    with torch.no_grad():
+        model(seq, use_cache=False)
+        hook.remove()
+        exit_hidden = seen[0]  # the first call is loop 0 (CYCLE order)
+        cos, sin = model.model.rotary(exit_hidden, torch.arange(seq.shape[1])[None])
+        n, filled = len(prompts[0]), slice(len(prompts[0]), seq.shape[1] - 1)
+        for k in range(K):
+            layer = model.model.layers[k]
+            slot = model.model.relax[[tuple(x) for x in cfg.layer_plan].index((k, 1))]
+            x = layer.norms(slot)[0](exit_hidden)
+            heads = lambda m: layer.proj(layer.attn, m, x, slot).view(1, -1, cfg.num_key_value_heads, hd)
+            key = apply_rotary(heads("k").transpose(1, 2), cos, sin).transpose(1, 2)[0]
+            torch.testing.assert_close(engine.cache.k[0, 1, k, filled], key[filled], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(engine.cache.v[0, 1, k, filled], heads("v")[0, filled], rtol=1e-5, atol=1e-5)
+    assert n + NEW - 2 == seq.shape[1] - 1
 
 
 def test_simulation_cost_model():
@@ -136,6 +167,30 @@ def test_simulation_cost_model():
     seq = simulate(trace, no_exit, 2, 3, 4, depthwise=False)["tokens_per_cost"]
     assert simulate(trace, no_exit, 2, 3, 4, depthwise=True)["tokens_per_cost"] == pytest.approx(seq, rel=0.05)
     assert simulate(trace, at_zero, 2, 3, 4, depthwise=True)["tokens_per_cost"] == pytest.approx(2 * seq, rel=0.1)
+
+
+def test_sampled_exit_traces_have_the_requested_rate():
+    trace = [Request([1], 400, id=i) for i in range(10)]
+    traces = sampled_exit_traces(trace, loops=3, exit_prob=0.5)
+    decoded = [b + 1 for t in traces for b in t[1:]]
+    assert all(t[0] == 2 and len(t) == 400 for t in traces)
+    assert sum(decoded) / len(decoded) == pytest.approx(1 + 0.5 + 0.25, abs=0.05)
+
+
+def test_benchmark_serves_every_mode_with_the_same_outputs(served):
+    model, w, prompts, refs, _ = served["gpt_neox-recursive-4"]
+    trace = [Request(p, NEW, id=i) for i, p in enumerate(prompts[:3])]
+    rows = run_benchmark(w, trace, max_batch=2, max_len=64, confidence=0.5, simulate_too=True, exit_prob=0.5,
+                         repeats=2)
+    modes = [r["mode"] for r in rows]
+    assert modes == ["vanilla (unrolled) seq-CB", "static batching", "seq-CB", "CDB, no exits", "CDB + oracle exits",
+                     "CDB + sampled exits p=0.5", "CDB + maxprob>=0.5"]
+    by_mode = {r["mode"]: r for r in rows}
+    assert all(r["tokens"] == 3 * NEW for r in rows)
+    assert by_mode["seq-CB"]["speedup"] == 1.0 and by_mode["CDB, no exits"]["mean_loops"] == w.num_loops
+    sampled = by_mode["CDB + sampled exits p=0.5"]
+    assert sampled["mean_loops"] < w.num_loops and sampled["ideal"] == pytest.approx(w.num_loops / sampled["mean_loops"])
+    assert by_mode["CDB, no exits"]["simulated"] == pytest.approx(1.0, abs=0.1) and sampled["simulated"] > 1.2
 
 
 def test_sequence_order_is_served_unrolled(tiny_dirs, tmp_path):

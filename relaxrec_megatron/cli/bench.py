@@ -25,9 +25,17 @@ def add_parser(sub) -> None:
     s.add_argument("--gen-mean", type=float, default=32, help="mean generation length (paper: 256; CPU default 32)")
     s.add_argument("--gen-std", type=float, default=8)
     s.add_argument("--max-batch", type=int, default=8)
+    s.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="serving dtype (bf16 is fast on CPUs with AMX/AVX512-BF16 and on GPUs)")
     s.add_argument("--confidence", type=float, default=None, help="also run CDB with max-prob exits at this threshold")
+    s.add_argument("--exit-prob", type=float, default=0.5,
+                   help="also run CDB with sampled exit traces: each token exits after each non-final loop with this "
+                        "probability (an uptrained model's exit rate; the served model's own oracle exits are rare "
+                        "before uptraining); negative to skip")
     s.add_argument("--simulate", action="store_true", help="add the paper's analytic simulation (oracle exits, "
                                                            "KV-fill cost excluded)")
+    s.add_argument("--repeat", type=int, default=3, help="serve the trace this many times per mode (modes "
+                                                        "interleaved) and report the median run")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--json", default=None, help="write the rows to this file")
     s.set_defaults(run=run)
@@ -38,8 +46,9 @@ def _models(args):
 
     import relaxrec_megatron  # noqa: F401
 
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     if args.model:
-        yield Path(args.model).name, AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+        yield Path(args.model).name, AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).eval()
         return
     from ..hf.convert import RecursionSpec, convert_to_relaxed
     from ..hf.smollm import smollm_checkpoint
@@ -49,8 +58,8 @@ def _models(args):
         for loops in args.loops:
             out = Path(tmp) / f"loops{loops}"
             convert_to_relaxed(str(source), out, RecursionSpec(loops=loops, rank=args.rank), dtype="fp32", progress=False)
-            yield (f"SmolLM2-135M, {loops} loops, rank {args.rank}",
-                   AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval())
+            yield (f"SmolLM2-135M, {loops} loops, rank {args.rank}, {args.dtype}",
+                   AutoModelForCausalLM.from_pretrained(out, dtype=dtype).eval())
 
 
 def corpus_tokens(model_path: str | None) -> list[int]:
@@ -67,17 +76,21 @@ def run(args) -> int:
     from ..inference.bench import TraceSpec, format_rows, make_trace, run_benchmark
     from ..inference.weights import engine_weights
 
-    if args.requests < 1 or args.max_batch < 1:
-        raise UserError("--requests and --max-batch must be >= 1")
+    if args.requests < 1 or args.max_batch < 1 or args.repeat < 1:
+        raise UserError("--requests, --max-batch and --repeat must be >= 1")
+    if args.exit_prob > 1:
+        raise UserError(f"--exit-prob {args.exit_prob}: a probability is at most 1")
+    exit_prob = args.exit_prob if args.exit_prob >= 0 else None
     spec = TraceSpec(args.requests, args.prompt_mean, args.prompt_std, args.gen_mean, args.gen_std, args.seed)
     trace = make_trace(spec, corpus_tokens(args.model))
     max_len = max(len(r.prompt) + r.max_new_tokens for r in trace)
     results = {}
     print(f"trace: {len(trace)} requests, prompts ~N({args.prompt_mean:g}, {args.prompt_std:g}), generations "
           f"~N({args.gen_mean:g}, {args.gen_std:g}), {sum(r.max_new_tokens for r in trace)} tokens, "
-          f"max batch {args.max_batch}, {torch.get_num_threads()} threads", flush=True)
+          f"max batch {args.max_batch}, {args.dtype}, {torch.get_num_threads()} threads", flush=True)
     for name, model in _models(args):
-        rows = run_benchmark(engine_weights(model), trace, args.max_batch, max_len, args.confidence, args.simulate)
+        rows = run_benchmark(engine_weights(model), trace, args.max_batch, max_len, args.confidence, args.simulate,
+                             exit_prob, args.repeat)
         print(format_rows(rows, f"\n{name}"), flush=True)
         results[name] = rows
     if args.json:

@@ -65,6 +65,19 @@ def oracle_traces(weights: EngineWeights, trace: list[Request], max_batch: int, 
     return [oracle_exit_trace(r) for r in reqs]
 
 
+def sampled_exit_traces(trace: list[Request], loops: int, exit_prob: float, seed: int = 0) -> list[list[int]]:
+    """Exit traces with a chosen exit rate, for measuring the engine where exits are frequent (an
+    uptrained model's) even when the served model rarely exits: each decoded token exits after each
+    non-final loop with probability exit_prob. Mean loops per token: sum_b (1 - p)^b for b < loops."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for r in trace:
+        draws = torch.rand(r.max_new_tokens, max(loops - 1, 1), generator=g) < exit_prob
+        exits = [next((b for b in range(loops - 1) if row[b]), loops - 1) for row in draws.tolist()]
+        out.append([loops - 1] + exits[1:])  # token 0 comes from the prefill, which runs every loop
+    return out
+
+
 def simulate(trace: list[Request], traces: list[list[int]], loops: int, layers: int, max_batch: int,
              depthwise: bool) -> dict:
     """Analytic cost model of the scheduler (oracle exits, KV-fill excluded): returns tokens per layer-step."""
@@ -96,41 +109,55 @@ def simulate(trace: list[Request], traces: list[list[int]], loops: int, layers: 
 
 
 def run_benchmark(weights: EngineWeights, trace: list[Request], max_batch: int, max_len: int,
-                  confidence: float | None = None, simulate_too: bool = False) -> list[dict]:
+                  confidence: float | None = None, simulate_too: bool = False,
+                  exit_prob: float | None = None, repeats: int = 1) -> list[dict]:
+    """Every mode serves the trace `repeats` times, the modes interleaved so that drift in the
+    machine's speed hits them alike; each row is the run with the median tokens/s."""
     B = weights.num_loops
-    traces = oracle_traces(weights, trace, max_batch, max_len)
-    rows = [
-        {"mode": "vanilla (unrolled) seq-CB", **serve(unrolled_weights(weights), trace, "seq", max_batch, max_len)},
-        {"mode": "static batching", **serve(weights, trace, "static", max_batch, max_len)},
-        {"mode": "seq-CB", **serve(weights, trace, "seq", max_batch, max_len)},
-        {"mode": "CDB, no exits", **serve(weights, trace, "cdb", max_batch, max_len)},
-        {"mode": "CDB + oracle exits", **serve(weights, trace, "cdb", max_batch, max_len, ExitPolicy("oracle"), traces)},
-    ]
+    traces = {"CDB + oracle exits": oracle_traces(weights, trace, max_batch, max_len)}
+    if exit_prob is not None:
+        traces[f"CDB + sampled exits p={exit_prob:g}"] = sampled_exit_traces(trace, B, exit_prob)
+    vanilla = unrolled_weights(weights)
+    runs = {
+        "vanilla (unrolled) seq-CB": lambda: serve(vanilla, trace, "seq", max_batch, max_len),
+        "static batching": lambda: serve(weights, trace, "static", max_batch, max_len),
+        "seq-CB": lambda: serve(weights, trace, "seq", max_batch, max_len),
+        "CDB, no exits": lambda: serve(weights, trace, "cdb", max_batch, max_len),
+    }
+    for mode, t in traces.items():
+        runs[mode] = lambda t=t: serve(weights, trace, "cdb", max_batch, max_len, ExitPolicy("oracle"), t)
     if confidence is not None:
-        rows.append({"mode": f"CDB + maxprob>={confidence:g}",
-                     **serve(weights, trace, "cdb", max_batch, max_len, ExitPolicy("maxprob", confidence))})
+        runs[f"CDB + maxprob>={confidence:g}"] = lambda: serve(weights, trace, "cdb", max_batch, max_len,
+                                                                ExitPolicy("maxprob", confidence))
+    results: dict[str, list[dict]] = {mode: [] for mode in runs}
+    for _ in range(repeats):
+        for mode, run in runs.items():
+            results[mode].append(run())
+    rows = []
+    for mode, rs in results.items():
+        rs = sorted(rs, key=lambda r: r["tokens_per_s"])
+        rows.append({"mode": mode, **rs[len(rs) // 2]})
     base = rows[2]["tokens_per_s"]
     for r in rows:
         r["speedup"] = r["tokens_per_s"] / base
         r["ideal"] = B / r["mean_loops"] if r["mode"].startswith("CDB") else None
     if simulate_too:
-        seq = simulate(trace, traces, B, weights.num_shared, max_batch, depthwise=False)["tokens_per_cost"]
+        traces["CDB, no exits"] = [[B - 1] * r.max_new_tokens for r in trace]
+        seq = simulate(trace, traces["CDB, no exits"], B, weights.num_shared, max_batch, False)["tokens_per_cost"]
         for r in rows:
-            if r["mode"] == "CDB + oracle exits":
-                r["simulated"] = simulate(trace, traces, B, weights.num_shared, max_batch, True)["tokens_per_cost"] / seq
-            elif r["mode"] == "CDB, no exits":
-                no_exit = [[B - 1] * len(t) for t in traces]
-                r["simulated"] = simulate(trace, no_exit, B, weights.num_shared, max_batch, True)["tokens_per_cost"] / seq
+            if r["mode"] in traces:
+                depthwise = simulate(trace, traces[r["mode"]], B, weights.num_shared, max_batch, True)
+                r["simulated"] = depthwise["tokens_per_cost"] / seq
     return rows
 
 
 def format_rows(rows: list[dict], title: str) -> str:
-    lines = [title, f"{'mode':<28}{'tok/s':>8}{'p50 s':>8}{'p99 s':>8}{'loops/tok':>10}{'speedup':>9}"
+    lines = [title, f"{'mode':<31}{'tok/s':>8}{'p50 s':>8}{'p99 s':>8}{'loops/tok':>10}{'speedup':>9}"
              f"{'ideal':>7}{'of ideal':>9}{'simulated':>10}"]
     for r in rows:
         ideal = f"{r['ideal']:.2f}" if r.get("ideal") else "-"
         frac = f"{r['speedup'] / r['ideal']:.0%}" if r.get("ideal") else "-"
         sim = f"{r['simulated']:.2f}" if r.get("simulated") else "-"
-        lines.append(f"{r['mode']:<28}{r['tokens_per_s']:>8.1f}{r['p50']:>8.2f}{r['p99']:>8.2f}"
+        lines.append(f"{r['mode']:<31}{r['tokens_per_s']:>8.1f}{r['p50']:>8.2f}{r['p99']:>8.2f}"
                      f"{r['mean_loops']:>10.2f}{r['speedup']:>9.2f}{ideal:>7}{frac:>9}{sim:>10}")
     return "\n".join(lines)

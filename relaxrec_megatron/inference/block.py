@@ -1,21 +1,31 @@
 """One shared layer over a flat batch of tokens whose rows may be at different loops.
 
-Every token carries (slot, loop, position). Linears apply the shared weight to all tokens at once
-and each token's own loop's LoRA grouped by loop (one matmul pair per loop present, never a loop
-over rows); per-loop norms and biases are gathered by loop. Attention reads the token's KV cache
-row (slot, loop, layer), so loop 2 never sees loop 1's keys.
+Every token carries (slot, loop, position). A fused projection (weights.Projection) runs the shared
+weights and every loop's LoRA A in one GEMM; each token keeps its own loop's r-wide activation and
+one GEMM per module applies the B factors (no loop over rows or loops). Per-loop norms and biases are
+gathered by loop. Attention reads the token's KV cache row (slot, loop, layer), so loop 2 never sees
+loop 1's keys.
+
+KV fill of early exits: a token that exits at loop e is never run at loops e+1..B-1, yet later tokens
+attend to it there. The engine appends one "K/V-only" token per skipped loop to the next step's batch
+(after the `rows` tokens that run the whole layer): its input is the exit hidden state, and each
+layer writes the K/V projections of its input norm with that loop's LoRA. Cost per exited token:
+(B - 1 - e) extra tokens through each layer's qkv GEMM (2 h (q + 2 kv) FLOPs a token, 15% of a layer's
+FLOPs in SmolLM2) and no extra pass over the weights: they ride the next step's GEMMs. Fills are
+skipped when the request is done, since no later token will read them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
 
 from ..model import numerics
 from .kv_cache import KVCache
-from .weights import EngineWeights, LayerW, LinearW, NormW
+from .weights import EngineWeights, LayerW, NormW, Projection
 
 
 @dataclass
@@ -25,30 +35,63 @@ class TokenBatch:
     pos: torch.Tensor  # (T,)
     cos: torch.Tensor  # (T, rot)
     sin: torch.Tensor
-    groups: list[tuple[int, torch.Tensor]]  # (loop, token indices) for each loop present
+    num_loops: int
+    rows: int  # the first `rows` tokens run the layer; the rest only write K/V (see the module docstring)
 
     @classmethod
-    def build(cls, slot, loop, pos, inv_freq: torch.Tensor, attention_scaling: float = 1.0) -> "TokenBatch":
+    def build(cls, slot, loop, pos, inv_freq: torch.Tensor, num_loops: int, rows: int | None = None,
+              attention_scaling: float = 1.0) -> "TokenBatch":
         freqs = pos[:, None].float() * inv_freq[None, :].float()
         emb = torch.cat((freqs, freqs), dim=-1)
-        loops = torch.unique(loop).tolist()
-        groups = [(b, torch.nonzero(loop == b).flatten()) for b in loops]
-        return cls(slot, loop, pos, emb.cos() * attention_scaling, emb.sin() * attention_scaling, groups)
+        rows = slot.numel() if rows is None else rows
+        return cls(slot, loop, pos, emb.cos() * attention_scaling, emb.sin() * attention_scaling, num_loops, rows)
+
+    @cached_property
+    def groups(self) -> list[int]:
+        """The loops present."""
+        return sorted(set(self.loop.tolist()))  # torch.unique costs ~60 us on CPU; T is small
+
+    @cached_property
+    def loop_mask(self) -> torch.Tensor:
+        """(T, B, 1): one-hot of each token's loop."""
+        return F.one_hot(self.loop, self.num_loops)[:, :, None]
+
+    def head(self) -> "TokenBatch":
+        """The tokens that run the whole layer."""
+        if self.rows == self.slot.numel():
+            return self
+        n = self.rows
+        return TokenBatch(self.slot[:n], self.loop[:n], self.pos[:n], self.cos[:n], self.sin[:n], self.num_loops, n)
 
 
-def linear(x: torch.Tensor, w: LinearW, tb: TokenBatch) -> torch.Tensor:
-    shared_bias = w.bias if w.bias is not None and w.bias.dim() == 1 else None
-    y = F.linear(x, w.weight, shared_bias)
-    if w.bias is not None and w.bias.dim() == 2:
-        y = y + w.bias[tb.loop]
-    if w.lora_A is not None:
-        if len(tb.groups) == 1:
-            b = tb.groups[0][0]
-            y = y + F.linear(F.linear(x, w.lora_A[b]), w.lora_B[b])
-        else:
-            for b, idx in tb.groups:
-                y = y.index_add(0, idx, F.linear(F.linear(x.index_select(0, idx), w.lora_A[b]), w.lora_B[b]))
-    return y
+def project(x: torch.Tensor, p: Projection, tb: TokenBatch) -> list[torch.Tensor]:
+    """The outputs of every module of a projection, each token with its own loop's LoRA.
+
+    Rows at several loops: one GEMM gives every loop's A x for all modules; a one-hot mask keeps each
+    token's own loop's; per module, one GEMM with [B_0 | B_1 | ...] adds B_loop A_loop x. Rows at one
+    loop (prefill, sequence-wise steps) use only that loop's A and B.
+    """
+    ys = []
+    for w in p.modules.values():
+        y = F.linear(x, w.weight, w.bias)
+        ys.append(y if w.loop_bias is None else y + w.loop_bias[tb.loop])
+    R = p.rank
+    if R == 0:
+        return ys
+    if len(tb.groups) == 1:
+        b = tb.groups[0]
+        z = F.linear(x, p.lora_A[b * R:(b + 1) * R])
+        factors = [None if Bt is None else Bt[b * r:(b + 1) * r] for Bt, r in zip(p.lora_Bt, p.ranks)]
+    else:
+        z = F.linear(x, p.lora_A).view(x.shape[0], p.loops, R) * tb.loop_mask.to(x.dtype)
+        factors = p.lora_Bt
+    offset = 0
+    for i, r in enumerate(p.ranks):
+        if r:
+            zi = z[..., offset:offset + r]
+            ys[i] = torch.addmm(ys[i], zi.reshape(x.shape[0], -1) if zi.dim() == 3 else zi, factors[i])
+            offset += r
+    return ys
 
 
 def norm(x: torch.Tensor, nw: NormW, cfg, loop: torch.Tensor | None) -> torch.Tensor:
@@ -67,53 +110,45 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return torch.cat((rot * cos + torch.cat((-x2, x1), dim=-1) * sin, rest), dim=-1)
 
 
-def kv_projections(x_normed: torch.Tensor, lw: LayerW, cfg, tb: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    T = x_normed.shape[0]
-    k = linear(x_normed, lw.linears["k"], tb).view(T, cfg.num_key_value_heads, cfg.head_dim)
-    v = linear(x_normed, lw.linears["v"], tb).view(T, cfg.num_key_value_heads, cfg.head_dim)
-    return rotary(k, tb.cos, tb.sin), v
-
-
 def attention(x: torch.Tensor, lw: LayerW, cfg, tb: TokenBatch, cache: KVCache, layer: int) -> torch.Tensor:
-    T = x.shape[0]
-    q = rotary(linear(x, lw.linears["q"], tb).view(T, cfg.num_attention_heads, cfg.head_dim), tb.cos, tb.sin)
-    k, v = kv_projections(x, lw, cfg, tb)
-    cache.write(layer, tb, k, v)
-    keys, values, valid = cache.read(layer, tb)  # (T, S, kv, hd), (T, S)
+    """x: the input-normed hidden states of all of tb's tokens; returns the attention output of its rows."""
+    T, rows = x.shape[0], tb.head()
+    q, k, v = project(x, lw.projections["qkv"], tb)
+    k = rotary(k.view(T, cfg.num_key_value_heads, cfg.head_dim), tb.cos, tb.sin)
+    cache.write(layer, tb, k, v.view(T, cfg.num_key_value_heads, cfg.head_dim))
+    n = tb.rows
+    q = rotary(q[:n].view(n, cfg.num_attention_heads, cfg.head_dim), rows.cos, rows.sin)
+    keys, values, valid = cache.read(layer, rows)  # (n, S, kv, hd), (n, S)
     out = F.scaled_dot_product_attention(q[:, :, None, :], keys.transpose(1, 2), values.transpose(1, 2),
                                          attn_mask=valid[:, None, None, :], scale=cfg.head_dim ** -0.5,
                                          enable_gqa=cfg.num_attention_heads != cfg.num_key_value_heads)
-    return linear(out.reshape(T, -1), lw.linears["o"], tb)
+    (o,) = project(out.reshape(n, -1), lw.projections["o"], rows)
+    return o
 
 
-def feed_forward(x: torch.Tensor, lw: LayerW, cfg, tb: TokenBatch, act) -> torch.Tensor:
-    up = linear(x, lw.linears["up"], tb)
-    inner = act(linear(x, lw.linears["gate"], tb)) * up if "gate" in lw.linears else act(up)
-    return linear(inner, lw.linears["down"], tb)
+def feed_forward(x: torch.Tensor, lw: LayerW, tb: TokenBatch, act) -> torch.Tensor:
+    parts = project(x, lw.projections["gate_up"], tb)
+    inner = act(parts[0]) * parts[1] if len(parts) == 2 else act(parts[0])  # [gate, up] or [up]
+    (down,) = project(inner, lw.projections["down"], tb)
+    return down
 
 
-def layer_forward(x: torch.Tensor, w: EngineWeights, k: int, tb: TokenBatch, cache: KVCache, act) -> torch.Tensor:
-    cfg, lw = w.config, w.layers[k]
-    attn = attention(norm(x, lw.input_norm, cfg, tb.loop), lw, cfg, tb, cache, k)
+def layer_forward(x: torch.Tensor, w: EngineWeights, k: int, tb: TokenBatch, cache: KVCache, act,
+                  kv_only: torch.Tensor | None = None) -> torch.Tensor:
+    """x: (tb.rows, h) hidden states of the rows; kv_only: (T - tb.rows, h) exit hidden states of the
+    K/V-only tokens, which stay fixed from layer to layer."""
+    cfg, lw, rows = w.config, w.layers[k], tb.head()
+    attn_in = norm(x, lw.input_norm, cfg, rows.loop)
+    if kv_only is not None:
+        attn_in = torch.cat([attn_in, norm(kv_only, lw.input_norm, cfg, tb.loop[tb.rows:])])
+    attn = attention(attn_in, lw, cfg, tb, cache, k)
     if cfg.parallel_residual:
-        return x + attn + feed_forward(norm(x, lw.post_norm, cfg, tb.loop), lw, cfg, tb, act)
+        return x + attn + feed_forward(norm(x, lw.post_norm, cfg, rows.loop), lw, rows, act)
     h = x + attn
-    return h + feed_forward(norm(h, lw.post_norm, cfg, tb.loop), lw, cfg, tb, act)
+    return h + feed_forward(norm(h, lw.post_norm, cfg, rows.loop), lw, rows, act)
 
 
-def fill_skipped_kv(hidden: torch.Tensor, w: EngineWeights, tb: TokenBatch, cache: KVCache) -> None:
-    """KV entries of loops a token skipped by exiting early, from its exit hidden state.
-
-    Later tokens still attend to this position at deeper loops. Each skipped (loop, layer) gets the
-    K/V projections (with that loop's LoRA) of the input norm of the exit hidden state, in one batched
-    computation per layer. Cost per exited token: (B - 1 - exit_loop) * K * (norm + K and V
-    projections), i.e. 2 * h * 2 * kv_heads * head_dim FLOPs each, about 5-10% of the layers skipped.
-    """
-    for k in range(w.num_shared):
-        lw = w.layers[k]
-        kk, vv = kv_projections(norm(hidden, lw.input_norm, w.config, tb.loop), lw, w.config, tb)
-        cache.write(k, tb, kk, vv)
-
-
-def logits(hidden: torch.Tensor, w: EngineWeights) -> torch.Tensor:
-    return F.linear(norm(hidden, w.final_norm, w.config, None), w.lm_head)
+def logits(hidden: torch.Tensor, w: EngineWeights, head=None) -> torch.Tensor:
+    """head: a callable for the LM head GEMM (gemm.RowsLinear); F.linear with w.lm_head by default."""
+    h = norm(hidden, w.final_norm, w.config, None)
+    return head(h) if head is not None else F.linear(h, w.lm_head)

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers.activations import ACT2FN
 
-from .block import TokenBatch, fill_skipped_kv, layer_forward, logits
+from .block import TokenBatch, layer_forward, logits
+from .gemm import RowsLinear
 from .kv_cache import KVCache
 from .weights import EngineWeights
 
@@ -59,6 +60,15 @@ class ExitPolicy:
 
 
 @dataclass
+class KVFill:
+    """The previous token exited at loop first - 1: its K/V at loops first..B-1 are still to be written
+    (block's module docstring), from its exit hidden state."""
+    hidden: torch.Tensor  # (h,)
+    pos: int
+    first: int
+
+
+@dataclass
 class Row:
     req: Request
     slot: int
@@ -67,6 +77,7 @@ class Row:
     loop: int = 0
     hidden: torch.Tensor | None = None  # (n, h), carried between loops
     prefill: bool = False
+    fill: KVFill | None = None  # done by the row's next block call
 
 
 @dataclass
@@ -98,6 +109,7 @@ class Engine:
         self.cache = KVCache(max_batch, self.B, self.K, max_len, cfg.num_key_value_heads, cfg.head_dim,
                              dtype=weights.embed.dtype, device=weights.embed.device)
         self.multiplier = float(cfg.embedding_multiplier)
+        self.head = RowsLinear(weights.lm_head, max_batch)
 
     # -- public ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -129,97 +141,88 @@ class Engine:
     # -- one engine step ------------------------------------------------------------------------
     def _step(self, rows: list[Row], stats: Stats, t0: float, on_token) -> list[Row]:
         if self.mode == "cdb":
-            self._block(rows)
-            finished, exited, carry = [], [], []
-            candidates = [r for r in rows if not r.prefill and r.loop < self.B - 1]
-            exits = self._exit_decisions(candidates)
+            return self._depthwise_step(rows, stats, t0, on_token)
+        for b in range(self.B):
             for r in rows:
-                if r.loop == self.B - 1:
-                    finished.append(r)
-                elif exits.get(id(r), False):
-                    finished.append(r)
-                    exited.append(r)
-                else:
-                    r.loop += 1
-                    carry.append(r)
-            if exited:
-                self._fill_kv(exited)
+                r.loop = b
+            self._block(rows)
+            if self.record and b < self.B - 1:
+                self._record_predictions(rows, self._last_logits(rows))
+        lg = self._last_logits(rows)
+        if self.record:
+            self._record_predictions(rows, lg)
+        return self._emit(rows, lg, stats, t0, on_token)
+
+    def _depthwise_step(self, rows: list[Row], stats: Stats, t0: float, on_token) -> list[Row]:
+        """One block call; rows at their last loop or exiting emit a token, the rest go one loop deeper.
+        One LM-head call per step serves both the exit decisions and the emitted tokens."""
+        self._block(rows)
+        final = [r for r in rows if r.loop == self.B - 1]
+        early = [r for r in rows if r.loop < self.B - 1 and not r.prefill]
+        kind = self.exit.kind
+        if kind in ("maxprob", "margin") and early:
+            lg = self._last_logits(final + early)
+            top = torch.softmax(lg[len(final):], dim=-1).topk(2, dim=-1).values
+            conf = top[:, 0] if kind == "maxprob" else top[:, 0] - top[:, 1]
+            keep = torch.nonzero(conf >= self.exit.threshold).flatten()
+            exited = [early[i] for i in keep.tolist()]
+            lg = torch.cat([lg[:len(final)], lg[len(final):][keep]])
         else:
-            for b in range(self.B):
-                for r in rows:
-                    r.loop = b
-                self._block(rows)
-                if self.record:
-                    self._record_predictions(rows)
-            finished, carry = rows, []
-        return carry + self._emit(finished, stats, t0, on_token)
+            exited = [r for r in early if kind == "oracle" and self._oracle_exit(r)]
+            lg = self._last_logits(final + exited) if final or exited else None
+        done = {id(r) for r in final + exited}
+        carry = [r for r in rows if id(r) not in done]
+        for r in carry:
+            r.loop += 1
+        return carry + self._emit(final + exited, lg, stats, t0, on_token)
+
+    def _oracle_exit(self, r: Row) -> bool:
+        trace, i = r.req.exit_trace, len(r.req.output)
+        return trace is not None and i < len(trace) and trace[i] <= r.loop
 
     def _block(self, rows: list[Row]) -> None:
-        """The shared block once over all rows, each at its own loop."""
+        """The shared block once over all rows, each at its own loop, plus the K/V-only tokens of the
+        rows' pending fills."""
         w = self.w
         for r in rows:
             if r.hidden is None:
                 h = w.embed[r.tokens]
                 r.hidden = h * torch.tensor(self.multiplier, dtype=h.dtype) if self.multiplier != 1.0 else h
         sizes = [r.tokens.numel() for r in rows]
+        fills = [(r, b) for r in rows if r.fill is not None for b in range(r.fill.first, self.B)]
         hidden = torch.cat([r.hidden for r in rows])
-        tb = self._token_batch(rows, [r.loop for r in rows])
+        tb = self._token_batch(rows, fills)
+        kv_only = torch.stack([r.fill.hidden for r, _ in fills]) if fills else None
         for k in range(self.K):
-            hidden = layer_forward(hidden, w, k, tb, self.cache, self.act)
+            hidden = layer_forward(hidden, w, k, tb, self.cache, self.act, kv_only)
         for r, h in zip(rows, hidden.split(sizes)):
-            r.hidden = h
+            r.hidden, r.fill = h, None
 
-    def _token_batch(self, rows: list[Row], loops: list[int]) -> TokenBatch:
-        sizes = [r.tokens.numel() for r in rows]
-        slot = torch.repeat_interleave(torch.tensor([r.slot for r in rows]), torch.tensor(sizes))
-        loop = torch.repeat_interleave(torch.tensor(loops), torch.tensor(sizes))
-        pos = torch.cat([r.pos for r in rows])
-        return TokenBatch.build(slot, loop, pos, self.w.inv_freq)
+    def _token_batch(self, rows: list[Row], fills: list[tuple[Row, int]]) -> TokenBatch:
+        slot = [r.slot for r in rows for _ in range(r.tokens.numel())] + [r.slot for r, _ in fills]
+        loop = [r.loop for r in rows for _ in range(r.tokens.numel())] + [b for _, b in fills]
+        pos = torch.cat([r.pos for r in rows] + ([torch.tensor([r.fill.pos for r, _ in fills])] if fills else []))
+        return TokenBatch.build(torch.tensor(slot), torch.tensor(loop), pos, self.w.inv_freq, self.B,
+                                rows=len(slot) - len(fills))
 
     def _last_logits(self, rows: list[Row]) -> torch.Tensor:
-        return logits(torch.stack([r.hidden[-1] for r in rows]), self.w).float()
+        return logits(torch.stack([r.hidden[-1] for r in rows]), self.w, self.head).float()
 
-    def _exit_decisions(self, rows: list[Row]) -> dict[int, bool]:
-        kind = self.exit.kind
-        if kind == "none" or not rows:
-            return {}
-        if kind == "oracle":
-            out = {}
-            for r in rows:
-                trace, i = r.req.exit_trace, len(r.req.output)
-                out[id(r)] = trace is not None and i < len(trace) and trace[i] <= r.loop
-            return out
-        probs = torch.softmax(self._last_logits(rows), dim=-1)
-        top = probs.topk(2, dim=-1).values
-        conf = top[:, 0] if kind == "maxprob" else top[:, 0] - top[:, 1]
-        return {id(r): bool(c >= self.exit.threshold) for r, c in zip(rows, conf)}
-
-    def _fill_kv(self, exited: list[Row]) -> None:
-        """KV entries of the loops each exited token skipped (see block.fill_skipped_kv)."""
-        rows, loops, hidden = [], [], []
-        for r in exited:
-            for b in range(r.loop + 1, self.B):
-                rows.append(r)
-                loops.append(b)
-                hidden.append(r.hidden)
-        fill_skipped_kv(torch.cat(hidden), self.w, self._token_batch(rows, loops), self.cache)
-
-    def _record_predictions(self, rows: list[Row]) -> None:
-        preds = self._last_logits(rows).argmax(-1).tolist()
-        for r, p in zip(rows, preds):
+    def _record_predictions(self, rows: list[Row], lg: torch.Tensor) -> None:
+        for r, p in zip(rows, lg.argmax(-1).tolist()):
             if not r.prefill:
                 if r.loop == 0:
                     r.req.loop_predictions.append([])
                 r.req.loop_predictions[-1].append(p)
 
-    def _emit(self, finished: list[Row], stats: Stats, t0: float, on_token) -> list[Row]:
-        """Finished rows emit their next token; unfinished requests continue at loop 0."""
+    def _emit(self, finished: list[Row], lg: torch.Tensor | None, stats: Stats, t0: float, on_token) -> list[Row]:
+        """Finished rows emit their next token (argmax of `lg`, their logits in order); unfinished
+        requests continue at loop 0, with the K/V fill of the loops an early exit skipped."""
         if not finished:
             return []
-        tokens = self._last_logits(finished).argmax(-1).tolist()
         carry = []
         now = time.perf_counter() - t0
-        for r, tok in zip(finished, tokens):
+        for r, tok in zip(finished, lg.argmax(-1).tolist()):
             req = r.req
             req.output.append(tok)
             req.loops_used.append(r.loop + 1)
@@ -234,8 +237,9 @@ class Engine:
                 req.t_done = now
                 self.cache.release(r.slot)
             else:
-                p = int(r.pos[-1]) + 1
-                carry.append(Row(req, r.slot, torch.tensor([tok]), torch.tensor([p])))
+                p = int(r.pos[-1])
+                fill = KVFill(r.hidden[-1], p, r.loop + 1) if r.loop < self.B - 1 else None
+                carry.append(Row(req, r.slot, torch.tensor([tok]), torch.tensor([p + 1]), fill=fill))
         return carry
 
 

@@ -1,5 +1,11 @@
-"""The relaxed recursive HF model's weights, arranged for serving: per shared layer, every loop's
-LoRA factors stacked on a leading loop axis so one batch can hold rows at different loops."""
+"""The relaxed recursive HF model's weights, arranged for serving.
+
+Linears that read the same input form one `Projection` (q,k,v; gate,up; o; down). Their shared weights
+stay separate (on CPU, x @ W^T per module beat one fused GEMM at decode batch sizes), but the LoRA A
+factors of every module and every loop are stacked into one matrix, so one GEMM gives the rank-r
+activations of all loops at once (see block.project). This is what lets one batch hold rows at
+different loops without a Python loop over loops or rows.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +15,39 @@ import torch
 
 from ..hf.modeling_relaxrec import Norm, RelaxedRecursiveForCausalLM
 
-MODULES = ("q", "k", "v", "o", "gate", "up", "down")
+PROJECTIONS = {"qkv": ("q", "k", "v"), "o": ("o",), "gate_up": ("gate", "up"), "down": ("down",)}
 
 
 @dataclass
-class LinearW:
+class ModuleW:
+    """One linear as the HF model has it: shared weight, bias (shared or per loop), per-loop LoRA."""
     weight: torch.Tensor  # (d_out, d_in)
-    bias: torch.Tensor | None  # (d_out,) shared, or (B, d_out) one per loop
-    lora_A: torch.Tensor | None = None  # (B, r, d_in)
-    lora_B: torch.Tensor | None = None  # (B, d_out, r)
+    bias: torch.Tensor | None = None  # (d_out,)
+    loop_bias: torch.Tensor | None = None  # (loops, d_out)
+    lora_A: torch.Tensor | None = None  # (loops, r, d_in)
+    lora_B: torch.Tensor | None = None  # (loops, d_out, r)
+
+
+@dataclass
+class Projection:
+    modules: dict[str, ModuleW]  # the shared weights and biases are used from here
+    ranks: tuple[int, ...]  # LoRA rank of each module (0: none)
+    loops: int
+    lora_A: torch.Tensor | None  # (loops * sum(ranks), d_in): for each loop b, [A_m,b for m with a LoRA]
+    lora_Bt: tuple[torch.Tensor | None, ...]  # per module (loops * r_m, d_out): B_m,b^T in rows [b r_m, (b+1) r_m)
+
+    @property
+    def rank(self) -> int:
+        return sum(self.ranks)
+
+
+def fuse(modules: dict[str, ModuleW], loops: int) -> Projection:
+    ws = list(modules.values())
+    ranks = tuple(0 if w.lora_A is None else w.lora_A.shape[1] for w in ws)
+    a_rows = [w.lora_A[b] for b in range(loops) for w in ws if w.lora_A is not None]
+    lora_A = torch.cat(a_rows).contiguous() if a_rows else None
+    lora_Bt = tuple(None if w.lora_B is None else torch.cat([B.t() for B in w.lora_B]).contiguous() for w in ws)
+    return Projection(modules, ranks, loops, lora_A, lora_Bt)
 
 
 @dataclass
@@ -29,7 +59,7 @@ class NormW:
 
 @dataclass
 class LayerW:
-    linears: dict[str, LinearW]
+    projections: dict[str, Projection]  # keys of PROJECTIONS ("gate_up" holds only "up" without a gated MLP)
     input_norm: NormW
     post_norm: NormW
 
@@ -58,6 +88,12 @@ def _norm(shared: Norm | None, slots: list, attr: str) -> NormW:
     return NormW(torch.stack([n.weight.detach() for n in norms]), bias, True)
 
 
+def _layer(modules: dict[str, ModuleW], loops: int, input_norm: NormW, post_norm: NormW) -> LayerW:
+    projections = {name: fuse({m: modules[m] for m in group if m in modules}, loops)
+                   for name, group in PROJECTIONS.items()}
+    return LayerW(projections, input_norm, post_norm)
+
+
 @torch.no_grad()
 def engine_weights(model: RelaxedRecursiveForCausalLM) -> EngineWeights:
     cfg, inner = model.config, model.model
@@ -66,23 +102,20 @@ def engine_weights(model: RelaxedRecursiveForCausalLM) -> EngineWeights:
                         num_loops=cfg.num_loops, num_shared=cfg.num_shared_layers)
     for k, layer in enumerate(inner.layers):
         slots = [inner.relax[_unrolled(cfg, k, b)] for b in range(cfg.num_loops)]
-        linears = {}
+        modules = {}
         for group in (layer.attn, layer.mlp):
             for m, lin in group.items():
-                if lin.bias is not None:
-                    bias = lin.bias.detach()
-                elif m in slots[0].bias:
-                    bias = torch.stack([s.bias[m].detach() for s in slots])
-                else:
-                    bias = None
-                A = B = None
+                w = ModuleW(lin.weight.detach(), None if lin.bias is None else lin.bias.detach())
+                if m in slots[0].bias:
+                    w.loop_bias = torch.stack([s.bias[m].detach() for s in slots])
                 if m in slots[0].lora:
-                    A = torch.stack([s.lora[m].lora_A.detach() for s in slots])
-                    B = torch.stack([s.lora[m].lora_B.detach() for s in slots])
-                linears[m] = LinearW(lin.weight.detach(), bias, A, B)
+                    w.lora_A = torch.stack([s.lora[m].lora_A.detach() for s in slots])
+                    w.lora_B = torch.stack([s.lora[m].lora_B.detach() for s in slots])
+                modules[m] = w
         shared_in = layer.input_norm if cfg.share_norms else None
         shared_post = layer.post_norm if cfg.share_norms else None
-        out.layers.append(LayerW(linears, _norm(shared_in, slots, "input_norm"), _norm(shared_post, slots, "post_norm")))
+        out.layers.append(_layer(modules, cfg.num_loops, _norm(shared_in, slots, "input_norm"),
+                                 _norm(shared_post, slots, "post_norm")))
     return out
 
 
@@ -91,14 +124,12 @@ def unrolled_weights(w: EngineWeights) -> EngineWeights:
     """The same model as a vanilla L-layer stack (W' + B_l A_l per layer, one loop): the
     hf-unrolled export, served by the same engine."""
     layers = []
-    for l, (k, b) in enumerate(w.config.layer_plan):
-        lw = w.layers[k]
-        linears = {}
-        for m, lin in lw.linears.items():
-            weight = lin.weight if lin.lora_A is None else lin.weight + lin.lora_B[b] @ lin.lora_A[b]
-            bias = lin.bias if lin.bias is None or lin.bias.dim() == 1 else lin.bias[b]
-            linears[m] = LinearW(weight, bias)
+    for k, b in w.config.layer_plan:
+        merged = {}
+        for m, mw in ((m, mw) for p in w.layers[k].projections.values() for m, mw in p.modules.items()):
+            weight = mw.weight if mw.lora_A is None else mw.weight + mw.lora_B[b] @ mw.lora_A[b]
+            merged[m] = ModuleW(weight, mw.bias if mw.loop_bias is None else mw.loop_bias[b])
         pick = lambda n: NormW(n.weight[b], None if n.bias is None else n.bias[b], False) if n.per_loop else n
-        layers.append(LayerW(linears, pick(lw.input_norm), pick(lw.post_norm)))
+        layers.append(_layer(merged, 1, pick(w.layers[k].input_norm), pick(w.layers[k].post_norm)))
     return EngineWeights(config=w.config, embed=w.embed, lm_head=w.lm_head, final_norm=w.final_norm, layers=layers,
                          inv_freq=w.inv_freq, num_loops=1, num_shared=len(layers))
