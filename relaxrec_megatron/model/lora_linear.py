@@ -31,6 +31,46 @@ from megatron.core.tensor_parallel.mappings import (
 )
 
 
+class AddLoraInPlace(torch.autograd.Function):
+    """out[..., columns of module i] += z_i @ B_i^T for every module, in place on the base linear's
+    output, and the same in backward: no output-sized LoRA temporaries, concatenations or
+    interleaving copies (on CPU those cost ~10% of a fwd+bwd step at r=64), and no CopySlices
+    clones of the gradient that autograd would make for in-place adds into slices.
+
+    out (..., n) is viewed as (T, groups, per_group) and module i owns columns [start_i, start_i +
+    width_i) of every group (megatron's per-query-group [q; k; v] layout, or one group for [gate; up]
+    or a single module). z (..., sum r_i) holds the modules' r-wide activations, B_i (groups * width_i, r_i).
+    """
+
+    @staticmethod
+    def forward(ctx, out, z, groups: int, columns: tuple[tuple[int, int], ...], ranks: tuple[int, ...], *Bs):
+        n = out.shape[-1]
+        out3 = out.view(-1, groups, n // groups)
+        zs = z.reshape(-1, z.shape[-1]).split(ranks, dim=-1)
+        for (start, width), zi, B in zip(columns, zs, Bs):
+            if groups == 1:
+                out3[:, 0, start:start + width].addmm_(zi, B.t())
+            else:
+                out3[:, :, start:start + width].add_(torch.matmul(zi, B.t()).view(-1, groups, width))
+        ctx.mark_dirty(out)
+        ctx.save_for_backward(z, *Bs)
+        ctx.layout = (groups, columns, ranks)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, *Bs = ctx.saved_tensors
+        groups, columns, ranks = ctx.layout
+        g3 = grad.reshape(-1, groups, grad.shape[-1] // groups)
+        zs = z.reshape(-1, z.shape[-1]).split(ranks, dim=-1)
+        grad_z, grad_Bs = [], []
+        for (start, width), zi, B in zip(columns, zs, Bs):
+            gi = g3[:, 0, start:start + width] if groups == 1 else g3[:, :, start:start + width].reshape(g3.shape[0], -1)
+            grad_z.append(gi @ B)
+            grad_Bs.append(gi.t() @ zi)
+        return (grad, torch.cat(grad_z, dim=-1).view_as(z), None, None, None, *grad_Bs)
+
+
 class LoopAware:
     """A module whose parameters depend on the loop being run; the decoder sets `active_loop`."""
 
@@ -118,9 +158,30 @@ class ColumnLora(LoopAware):
             return next(iter(outs.values()))
         return torch.cat([outs[m] for m in self.lora_modules], dim=-1)
 
+    def add_lora_(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """out + LoRA(x), computed in place on the base output (AddLoraInPlace)."""
+        if self.lora_replicated or len(self.lora.modules_) != len(self.lora_modules):
+            return out + self.lora_delta(x)
+        loop, lora = self.active_loop, self.lora
+        A = torch.cat([lora.lora_A[_key(m, loop)] for m in lora.modules_]) if len(lora.modules_) > 1 \
+            else lora.lora_A[_key(lora.modules_[0], loop)]
+        z = torch.matmul(x, A.t())
+        z = gather_from_sequence_parallel_region(z, group=self.lora_tp_group) if self.lora_sp \
+            else copy_to_tensor_model_parallel_region(z, group=self.lora_tp_group)
+        sizes = [self.shapes[m][0] for m in self.lora_modules]
+        if self.lora_modules == ("q", "k", "v"):
+            groups = sizes[1] // self.config.kv_channels
+            widths = [size // groups for size in sizes]
+        else:
+            groups, widths = 1, sizes
+        starts = [sum(widths[:i]) for i in range(len(widths))]
+        Bs = [lora.lora_B[_key(m, loop)] for m in self.lora_modules]
+        return AddLoraInPlace.apply(out, z, groups, tuple(zip(starts, widths)),
+                                    tuple(lora.ranks[m] for m in self.lora_modules), *Bs)
+
     def _relax(self, out, bias, x):
         if self.lora:
-            out = out + self.lora_delta(x)
+            out = self.add_lora_(out, x)
         if self.loop_bias is not None:
             loop_bias = self.loop_bias[str(self.active_loop)]
             if self.skip_bias_add:
@@ -156,10 +217,6 @@ class RowLora(LoopAware):
         for p in (self.loop_bias or {}).values():  # added after the reduce-scatter: a partial sum under SP
             p.sequence_parallel = config.sequence_parallel
 
-    def lora_partial(self, x_local: torch.Tensor) -> torch.Tensor:
-        key = _key(self.module, self.active_loop)
-        return torch.matmul(torch.matmul(x_local, self.lora.lora_A[key].t()), self.lora.lora_B[key].t())
-
     def _bias(self):
         return self.loop_bias[str(self.active_loop)] if self.loop_bias is not None else self.bias
 
@@ -181,7 +238,9 @@ class LoraRowParallelLinear(RowParallelLinear, RowLora):
                                  allreduce_dgrad=False, sequence_parallel=False, tp_group=None,
                                  grad_output_buffer=None, gtp_remat_size=self.gtp_remat_size)
         if self.lora:
-            out = out + self.lora_partial(input_)
+            key = _key(self.module, self.active_loop)
+            z = torch.matmul(input_, self.lora.lora_A[key].t())
+            out = AddLoraInPlace.apply(out, z, 1, ((0, out.shape[-1]),), (z.shape[-1],), self.lora.lora_B[key])
         if self.sequence_parallel:
             out = reduce_scatter_to_sequence_parallel_region(out, group=self.tp_group)
         else:
