@@ -131,13 +131,18 @@ class ColumnLora(LoopAware):
         share = out // len(self.lora_modules)
         return {m: (share, d_in) for m in self.lora_modules}
 
-    def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
+    def lora_activation(self, x: torch.Tensor) -> torch.Tensor:
+        """z = [A_m x for each module] of the active loop, gathered over TP (SP) or marked replicated."""
         loop, lora = self.active_loop, self.lora
         A = torch.cat([lora.lora_A[_key(m, loop)] for m in lora.modules_]) if len(lora.modules_) > 1 \
             else lora.lora_A[_key(lora.modules_[0], loop)]
         z = torch.matmul(x, A.t())
-        z = gather_from_sequence_parallel_region(z, group=self.lora_tp_group) if self.lora_sp \
+        return gather_from_sequence_parallel_region(z, group=self.lora_tp_group) if self.lora_sp \
             else copy_to_tensor_model_parallel_region(z, group=self.lora_tp_group)
+
+    def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
+        loop, lora = self.active_loop, self.lora
+        z = self.lora_activation(x)
         parts = dict(zip(lora.modules_, z.split([lora.ranks[m] for m in lora.modules_], dim=-1)))
         outs = {}
         for m in self.lora_modules:
@@ -163,11 +168,7 @@ class ColumnLora(LoopAware):
         if self.lora_replicated or len(self.lora.modules_) != len(self.lora_modules):
             return out + self.lora_delta(x)
         loop, lora = self.active_loop, self.lora
-        A = torch.cat([lora.lora_A[_key(m, loop)] for m in lora.modules_]) if len(lora.modules_) > 1 \
-            else lora.lora_A[_key(lora.modules_[0], loop)]
-        z = torch.matmul(x, A.t())
-        z = gather_from_sequence_parallel_region(z, group=self.lora_tp_group) if self.lora_sp \
-            else copy_to_tensor_model_parallel_region(z, group=self.lora_tp_group)
+        z = self.lora_activation(x)
         sizes = [self.shapes[m][0] for m in self.lora_modules]
         if self.lora_modules == ("q", "k", "v"):
             groups = sizes[1] // self.config.kv_channels
