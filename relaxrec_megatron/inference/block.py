@@ -1,9 +1,8 @@
 """One shared layer over a flat batch of tokens whose rows may be at different loops.
 
-Every token carries (slot, loop, position). A fused projection (weights.Projection) runs the shared
-weights and every loop's LoRA A in one GEMM; each token keeps its own loop's r-wide activation and
-one GEMM per module applies the B factors (no loop over rows or loops). Per-loop norms and biases are
-gathered by loop. Attention reads the token's KV cache row (slot, loop, layer), so loop 2 never sees
+Every token carries (slot, loop, position). For each projection (weights.Projection) one GEMM gives
+every loop's LoRA A x; each token keeps its own loop's r-wide activation and one GEMM per module
+applies the B factors (no loop over rows or loops). Per-loop norms and biases are gathered by loop. Attention reads the token's KV cache row (slot, loop, layer), so loop 2 never sees
 loop 1's keys.
 
 KV fill of early exits: a token that exits at loop e is never run at loops e+1..B-1, yet later tokens
@@ -24,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model import numerics
+from .gemm import RowsLinear
 from .kv_cache import KVCache
 from .weights import EngineWeights, LayerW, NormW, Projection
 
@@ -148,7 +148,6 @@ def layer_forward(x: torch.Tensor, w: EngineWeights, k: int, tb: TokenBatch, cac
     return h + feed_forward(norm(h, lw.post_norm, cfg, rows.loop), lw, rows, act)
 
 
-def logits(hidden: torch.Tensor, w: EngineWeights, head=None) -> torch.Tensor:
-    """head: a callable for the LM head GEMM (gemm.RowsLinear); F.linear with w.lm_head by default."""
-    h = norm(hidden, w.final_norm, w.config, None)
-    return head(h) if head is not None else F.linear(h, w.lm_head)
+def logits(hidden: torch.Tensor, w: EngineWeights, head: RowsLinear) -> torch.Tensor:
+    """head: the LM head GEMM over w.lm_head (gemm.RowsLinear)."""
+    return head(norm(hidden, w.final_norm, w.config, None))

@@ -9,7 +9,7 @@ different loops without a Python loop over loops or rows.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -30,7 +30,7 @@ class ModuleW:
 
 @dataclass
 class Projection:
-    modules: dict[str, ModuleW]  # the shared weights and biases are used from here
+    modules: dict[str, ModuleW]  # shared weights and biases; their LoRA lives only in the stacks below
     ranks: tuple[int, ...]  # LoRA rank of each module (0: none)
     loops: int
     lora_A: torch.Tensor | None  # (loops * sum(ranks), d_in): for each loop b, [A_m,b for m with a LoRA]
@@ -40,6 +40,14 @@ class Projection:
     def rank(self) -> int:
         return sum(self.ranks)
 
+    def lora(self, i: int, b: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Module i's loop-b factors A (r, d_in) and B (d_out, r): views into the stacks."""
+        r = self.ranks[i]
+        if not r:
+            return None
+        start = b * self.rank + sum(self.ranks[:i])
+        return self.lora_A[start:start + r], self.lora_Bt[i][b * r:(b + 1) * r].t()
+
 
 def fuse(modules: dict[str, ModuleW], loops: int) -> Projection:
     ws = list(modules.values())
@@ -47,7 +55,8 @@ def fuse(modules: dict[str, ModuleW], loops: int) -> Projection:
     a_rows = [w.lora_A[b] for b in range(loops) for w in ws if w.lora_A is not None]
     lora_A = torch.cat(a_rows).contiguous() if a_rows else None
     lora_Bt = tuple(None if w.lora_B is None else torch.cat([B.t() for B in w.lora_B]).contiguous() for w in ws)
-    return Projection(modules, ranks, loops, lora_A, lora_Bt)
+    shared = {m: replace(w, lora_A=None, lora_B=None) for m, w in modules.items()}
+    return Projection(shared, ranks, loops, lora_A, lora_Bt)
 
 
 @dataclass
@@ -126,9 +135,11 @@ def unrolled_weights(w: EngineWeights) -> EngineWeights:
     layers = []
     for k, b in w.config.layer_plan:
         merged = {}
-        for m, mw in ((m, mw) for p in w.layers[k].projections.values() for m, mw in p.modules.items()):
-            weight = mw.weight if mw.lora_A is None else mw.weight + mw.lora_B[b] @ mw.lora_A[b]
-            merged[m] = ModuleW(weight, mw.bias if mw.loop_bias is None else mw.loop_bias[b])
+        for p in w.layers[k].projections.values():
+            for i, (m, mw) in enumerate(p.modules.items()):
+                lora = p.lora(i, b)
+                weight = mw.weight if lora is None else mw.weight + lora[1] @ lora[0]
+                merged[m] = ModuleW(weight, mw.bias if mw.loop_bias is None else mw.loop_bias[b])
         pick = lambda n: NormW(n.weight[b], None if n.bias is None else n.bias[b], False) if n.per_loop else n
         layers.append(_layer(merged, 1, pick(w.layers[k].input_norm), pick(w.layers[k].post_norm)))
     return EngineWeights(config=w.config, embed=w.embed, lm_head=w.lm_head, final_norm=w.final_norm, layers=layers,
