@@ -33,7 +33,7 @@ def add_parser(sub) -> None:
                         "probability (an uptrained model's exit rate; the served model's own oracle exits are rare "
                         "before uptraining); negative to skip")
     s.add_argument("--simulate", action="store_true", help="add the paper's analytic simulation (oracle exits, "
-                                                           "KV-fill cost excluded)")
+                                                           "KV-fill and LM-head cost excluded)")
     s.add_argument("--repeat", type=int, default=3, help="serve the trace this many times per mode (modes "
                                                         "interleaved) and report the median run")
     s.add_argument("--seed", type=int, default=0)
