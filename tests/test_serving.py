@@ -10,7 +10,7 @@ import relaxrec_megatron  # noqa: F401
 from relaxrec_megatron.hf.convert import RecursionSpec, convert_to_relaxed
 from relaxrec_megatron.hf.export import export_unrolled
 from relaxrec_megatron.inference import block
-from relaxrec_megatron.inference.bench import run_benchmark, sampled_exit_traces, simulate
+from relaxrec_megatron.inference.bench import StepCost, run_benchmark, sampled_exit_traces, simulate
 from relaxrec_megatron.inference.engine import Engine, ExitPolicy, Request, mean_loops_per_token, oracle_exit_trace
 from relaxrec_megatron.inference.weights import engine_weights, unrolled_weights
 
@@ -76,14 +76,16 @@ def test_rows_at_different_loops_share_a_step(served, monkeypatch):
 
     def spy(cls, *a, **k):
         tb = build(cls, *a, **k)
-        seen.append(len(tb.groups))
+        rows = tb.rows_only
+        seen.append((len(set(rows.loop.tolist())), len(rows.segments)))
         return tb
 
     monkeypatch.setattr(block.TokenBatch, "build", classmethod(spy))
     model, w, prompts, refs, _ = served["gpt_neox-recursive-4"]
     reqs = requests(prompts, model.generation_config.eos_token_id, arrivals=[0, 1, 2, 3, 5])
     Engine(w, mode="cdb", max_batch=5, max_len=64).run(reqs)
-    assert max(seen) >= 3 and [r.output for r in reqs] == refs
+    assert max(loops for loops, _ in seen) >= 3 and [r.output for r in reqs] == refs
+    assert all(segments == loops for loops, segments in seen)  # the engine orders rows by loop
 
 
 def test_oracle_trace_that_exits_nothing_changes_nothing(served):
@@ -160,13 +162,22 @@ def test_filled_kv_equals_the_skipped_layers_projections(served):
     assert n + NEW - 2 == seq.shape[1] - 1
 
 
-def test_simulation_cost_model():
-    trace = [Request([1] * 4, 10, id=i) for i in range(6)]
-    no_exit = [[1] * 10 for _ in trace]
-    at_zero = [[0] * 10 for _ in trace]
-    seq = simulate(trace, no_exit, 2, 3, 4, depthwise=False)["tokens_per_cost"]
-    assert simulate(trace, no_exit, 2, 3, 4, depthwise=True)["tokens_per_cost"] == pytest.approx(seq, rel=0.05)
-    assert simulate(trace, at_zero, 2, 3, 4, depthwise=True)["tokens_per_cost"] == pytest.approx(2 * seq, rel=0.1)
+def test_simulation_cost_models():
+    trace = [Request([1] * 4, 50, id=i) for i in range(6)]
+    no_exit, at_zero = [[1] * 50 for _ in trace], [[0] * 50 for _ in trace]
+
+    def speedup(traces, cost):
+        seq = simulate(trace, no_exit, 2, 4, False, cost)["tokens_per_cost"]
+        return simulate(trace, traces, 2, 4, True, cost)["tokens_per_cost"] / seq
+
+    layers = StepCost(shared=3)  # the paper's: a step costs the layers it runs
+    assert speedup(no_exit, layers) == pytest.approx(1.0, rel=0.05)
+    assert speedup(at_zero, layers) == pytest.approx(2.0, rel=0.05)
+    # memory-bound: seq reads 2 x block + head per token step; a depth-wise step reads the block and the
+    # head (a row emits every step), and after an exit at loop 0 also loop 1's LoRA for the K/V fill
+    assert speedup(at_zero, StepCost(shared=1, head=1)) == pytest.approx(3 / 2, rel=0.05)
+    assert speedup(at_zero, StepCost(shared=1, lora=1)) == pytest.approx(4 / 3, rel=0.05)
+    assert speedup(no_exit, StepCost(shared=1, lora=1, head=1)) == pytest.approx(1.0, rel=0.05)
 
 
 def test_sampled_exit_traces_have_the_requested_rate():
@@ -191,6 +202,8 @@ def test_benchmark_rows_cover_every_mode(served):
     sampled = by_mode["CDB + sampled exits p=0.5"]
     assert sampled["mean_loops"] < w.num_loops and sampled["ideal"] == pytest.approx(w.num_loops / sampled["mean_loops"])
     assert by_mode["CDB, no exits"]["simulated"] == pytest.approx(1.0, abs=0.1) and sampled["simulated"] > 1.2
+    assert by_mode["CDB, no exits"]["bytes sim"] == pytest.approx(1.0, abs=0.1)
+    assert 1.0 < sampled["bytes sim"] < sampled["simulated"]  # the head read every step it emits
 
 
 def test_sequence_order_is_served_unrolled(tiny_dirs, tmp_path):

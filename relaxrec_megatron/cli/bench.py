@@ -32,8 +32,11 @@ def add_parser(sub) -> None:
                    help="also run CDB with sampled exit traces: each token exits after each non-final loop with this "
                         "probability (an uptrained model's exit rate; the served model's own oracle exits are rare "
                         "before uptraining); negative to skip")
-    s.add_argument("--simulate", action="store_true", help="add the paper's analytic simulation (oracle exits, "
-                                                           "KV-fill and LM-head cost excluded)")
+    s.add_argument("--simulate", action="store_true",
+                   help="add two analytic simulations of the scheduler on the same exit traces: the paper's (a step "
+                        "costs the layers it runs; KV fill and LM head free) and the memory-bound one (a step costs "
+                        "the weight bytes it reads: shared layers, each loop's LoRA present, the LM head when a row "
+                        "emits)")
     s.add_argument("--repeat", type=int, default=3, help="serve the trace this many times per mode (modes "
                                                         "interleaved) and report the median run")
     s.add_argument("--seed", type=int, default=0)

@@ -1,9 +1,11 @@
 """One shared layer over a flat batch of tokens whose rows may be at different loops.
 
-Every token carries (slot, loop, position). For each projection (weights.Projection) one GEMM gives
-every loop's LoRA A x; each token keeps its own loop's r-wide activation and one GEMM per module
-applies the B factors (no loop over rows or loops). Per-loop norms and biases are gathered by loop. Attention reads the token's KV cache row (slot, loop, layer), so loop 2 never sees
-loop 1's keys.
+Every token carries (slot, loop, position). The engine orders tokens by loop, so the tokens of one
+loop form a contiguous segment: each projection runs its shared weights once over all tokens and, per
+segment, that loop's LoRA (one A GEMM for all modules of the projection, then B added in place into
+each module's output rows). So each loop present reads its own LoRA factors once and computes only its
+own rows; no Python loop over rows. Per-loop norms and biases are gathered by loop. Attention reads
+the token's KV cache row (slot, loop, layer), so loop 2 never sees loop 1's keys.
 
 KV fill of early exits: a token that exits at loop e is never run at loops e+1..B-1, yet later tokens
 attend to it there. The engine appends one "K/V-only" token per skipped loop to the next step's batch
@@ -47,16 +49,17 @@ class TokenBatch:
         return cls(slot, loop, pos, emb.cos() * attention_scaling, emb.sin() * attention_scaling, num_loops, rows)
 
     @cached_property
-    def groups(self) -> list[int]:
-        """The loops present."""
-        return sorted(set(self.loop.tolist()))  # torch.unique costs ~60 us on CPU; T is small
+    def segments(self) -> list[tuple[int, int, int]]:
+        """(loop, start, end) for each run of consecutive tokens at one loop."""
+        loops, out, start = self.loop.tolist(), [], 0
+        for i in range(1, len(loops) + 1):
+            if i == len(loops) or loops[i] != loops[start]:
+                out.append((loops[start], start, i))
+                start = i
+        return out
 
     @cached_property
-    def loop_mask(self) -> torch.Tensor:
-        """(T, B, 1): one-hot of each token's loop."""
-        return F.one_hot(self.loop, self.num_loops)[:, :, None]
-
-    def head(self) -> "TokenBatch":
+    def rows_only(self) -> "TokenBatch":
         """The tokens that run the whole layer."""
         if self.rows == self.slot.numel():
             return self
@@ -65,12 +68,8 @@ class TokenBatch:
 
 
 def project(x: torch.Tensor, p: Projection, tb: TokenBatch) -> list[torch.Tensor]:
-    """The outputs of every module of a projection, each token with its own loop's LoRA.
-
-    Rows at several loops: one GEMM gives every loop's A x for all modules; a one-hot mask keeps each
-    token's own loop's; per module, one GEMM with [B_0 | B_1 | ...] adds B_loop A_loop x. Rows at one
-    loop (prefill, sequence-wise steps) use only that loop's A and B.
-    """
+    """The outputs of every module of a projection, each token with its own loop's LoRA: per segment
+    of tokens at loop b, one GEMM gives A_b x for all modules, and each module's B_b is added in place."""
     ys = []
     for w in p.modules.values():
         y = F.linear(x, w.weight, w.bias)
@@ -78,19 +77,14 @@ def project(x: torch.Tensor, p: Projection, tb: TokenBatch) -> list[torch.Tensor
     R = p.rank
     if R == 0:
         return ys
-    if len(tb.groups) == 1:
-        b = tb.groups[0]
-        z = F.linear(x, p.lora_A[b * R:(b + 1) * R])
-        factors = [None if Bt is None else Bt[b * r:(b + 1) * r] for Bt, r in zip(p.lora_Bt, p.ranks)]
-    else:
-        z = F.linear(x, p.lora_A).view(x.shape[0], p.loops, R) * tb.loop_mask.to(x.dtype)
-        factors = p.lora_Bt
-    offset = 0
-    for i, r in enumerate(p.ranks):
-        if r:
-            zi = z[..., offset:offset + r]
-            ys[i] = torch.addmm(ys[i], zi.reshape(x.shape[0], -1) if zi.dim() == 3 else zi, factors[i])
-            offset += r
+    for b, start, end in tb.segments:
+        whole = end - start == x.shape[0]
+        z = F.linear(x if whole else x[start:end], p.lora_A[b * R:(b + 1) * R])
+        offset = 0
+        for y, Bt, r in zip(ys, p.lora_Bt, p.ranks):
+            if r:
+                (y if whole else y[start:end]).addmm_(z[:, offset:offset + r], Bt[b * r:(b + 1) * r])
+                offset += r
     return ys
 
 
@@ -112,7 +106,7 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 def attention(x: torch.Tensor, lw: LayerW, cfg, tb: TokenBatch, cache: KVCache, layer: int) -> torch.Tensor:
     """x: the input-normed hidden states of all of tb's tokens; returns the attention output of its rows."""
-    T, rows = x.shape[0], tb.head()
+    T, rows = x.shape[0], tb.rows_only
     q, k, v = project(x, lw.projections["qkv"], tb)
     k = rotary(k.view(T, cfg.num_key_value_heads, cfg.head_dim), tb.cos, tb.sin)
     cache.write(layer, tb, k, v.view(T, cfg.num_key_value_heads, cfg.head_dim))
@@ -137,7 +131,7 @@ def layer_forward(x: torch.Tensor, w: EngineWeights, k: int, tb: TokenBatch, cac
                   kv_only: torch.Tensor | None = None) -> torch.Tensor:
     """x: (tb.rows, h) hidden states of the rows; kv_only: (T - tb.rows, h) exit hidden states of the
     K/V-only tokens, which stay fixed from layer to layer."""
-    cfg, lw, rows = w.config, w.layers[k], tb.head()
+    cfg, lw, rows = w.config, w.layers[k], tb.rows_only
     attn_in = norm(x, lw.input_norm, cfg, rows.loop)
     if kv_only is not None:
         attn_in = torch.cat([attn_in, norm(kv_only, lw.input_norm, cfg, tb.loop[tb.rows:])])

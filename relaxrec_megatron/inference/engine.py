@@ -188,8 +188,10 @@ class Engine:
             if r.hidden is None:
                 h = w.embed[r.tokens]
                 r.hidden = h * torch.tensor(self.multiplier, dtype=h.dtype) if self.multiplier != 1.0 else h
+        rows = sorted(rows, key=lambda r: r.loop)  # each loop's tokens contiguous (block.project)
         sizes = [r.tokens.numel() for r in rows]
-        fills = [(r, b) for r in rows if r.fill is not None for b in range(r.fill.first, self.B)]
+        fills = sorted(((r, b) for r in rows if r.fill is not None for b in range(r.fill.first, self.B)),
+                       key=lambda f: f[1])
         hidden = torch.cat([r.hidden for r in rows])
         tb = self._token_batch(rows, fills)
         kv_only = torch.stack([r.fill.hidden for r, _ in fills]) if fills else None
