@@ -1,10 +1,10 @@
 """The relaxed recursive HF model's weights, arranged for serving.
 
 Linears that read the same input form one `Projection` (q,k,v; gate,up; o; down). Their shared weights
-stay separate (on CPU, x @ W^T per module beat one fused GEMM at decode batch sizes), but the LoRA A
-factors of every module and every loop are stacked into one matrix, so one GEMM gives the rank-r
-activations of all loops at once (see block.project). This is what lets one batch hold rows at
-different loops without a Python loop over loops or rows.
+stay separate (on CPU, x @ W^T per module beat one fused GEMM at decode batch sizes). The LoRA A
+factors of all modules are stacked loop by loop into one matrix, so one GEMM over a loop's slice gives
+that loop's rank-r activations of every module (see block.project), and the B factors of a module are
+stacked by loop; a batch whose rows sit at different loops slices each loop's factors from them.
 """
 
 from __future__ import annotations
