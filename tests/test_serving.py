@@ -191,11 +191,11 @@ def test_sampled_exit_traces_have_the_requested_rate():
 def test_benchmark_rows_cover_every_mode(served):
     _, w, prompts, _, _ = served["gpt_neox-recursive-4"]
     trace = [Request(p, NEW, id=i) for i, p in enumerate(prompts[:3])]
-    rows = run_benchmark(w, trace, max_batch=2, max_len=64, confidence=0.5, simulate_too=True, exit_prob=0.5,
+    rows = run_benchmark(w, trace, max_batch=2, max_len=64, confidence=0.05, simulate_too=True, exit_prob=0.5,
                          repeats=2)
     modes = [r["mode"] for r in rows]
     assert modes == ["vanilla (unrolled) seq-CB", "static batching", "seq-CB", "CDB, no exits", "CDB + oracle exits",
-                     "CDB + sampled exits p=0.5", "CDB + maxprob>=0.5"]
+                     "CDB + sampled exits p=0.5", "CDB + maxprob>=0.05"]
     by_mode = {r["mode"]: r for r in rows}
     assert all(r["tokens"] == 3 * NEW for r in rows)
     assert by_mode["seq-CB"]["speedup"] == 1.0 and by_mode["CDB, no exits"]["mean_loops"] == w.num_loops
@@ -204,6 +204,9 @@ def test_benchmark_rows_cover_every_mode(served):
     assert by_mode["CDB, no exits"]["simulated"] == pytest.approx(1.0, abs=0.1) and sampled["simulated"] > 1.2
     assert by_mode["CDB, no exits"]["bytes sim"] == pytest.approx(1.0, abs=0.1)
     assert 1.0 < sampled["bytes sim"] < sampled["simulated"]  # the head read every step it emits
+    maxprob = by_mode["CDB + maxprob>=0.05"]  # simulated on the exits its run took
+    assert maxprob["mean_loops"] < w.num_loops
+    assert 1.0 < maxprob["simulated"] and maxprob["bytes sim"] < maxprob["simulated"]
 
 
 def test_sequence_order_is_served_unrolled(tiny_dirs, tmp_path):

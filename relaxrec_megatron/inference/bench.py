@@ -58,7 +58,8 @@ def serve(weights: EngineWeights, trace: list[Request], mode: str, max_batch: in
     stats = Engine(weights, mode=mode, max_batch=max_batch, max_len=max_len, exit_policy=exit_policy).run(reqs)
     p50, p99 = latency_percentiles(reqs)
     return {"tokens_per_s": stats.tokens_per_s, "p50": p50, "p99": p99, "mean_loops": mean_loops_per_token(reqs),
-            "seconds": stats.seconds, "tokens": stats.tokens, "exits_per_loop": stats.exits_per_loop}
+            "seconds": stats.seconds, "tokens": stats.tokens, "exits_per_loop": stats.exits_per_loop,
+            "exit_trace": [[n - 1 for n in r.loops_used] for r in reqs]}  # the exits taken, as an oracle trace
 
 
 def oracle_traces(weights: EngineWeights, trace: list[Request], max_batch: int, max_len: int) -> list[list[int]]:
@@ -167,12 +168,17 @@ def run_benchmark(weights: EngineWeights, trace: list[Request], max_batch: int, 
         r["ideal"] = B / r["mean_loops"] if r["mode"].startswith("CDB") else None
     if simulate_too:
         traces["CDB, no exits"] = [[B - 1] * r.max_new_tokens for r in trace]
+        for r in rows:  # confidence exits: replay the exits the measured run took
+            if r["mode"].startswith("CDB") and r["mode"] not in traces:
+                traces[r["mode"]] = r["exit_trace"]
         models = {"simulated": StepCost(shared=weights.num_shared), "bytes sim": weight_bytes(weights)}
         for column, cost in models.items():
             seq = simulate(trace, traces["CDB, no exits"], B, max_batch, False, cost)["tokens_per_cost"]
             for r in rows:
                 if r["mode"] in traces:
                     r[column] = simulate(trace, traces[r["mode"]], B, max_batch, True, cost)["tokens_per_cost"] / seq
+    for r in rows:
+        del r["exit_trace"]
     return rows
 
 
