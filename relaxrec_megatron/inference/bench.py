@@ -2,11 +2,11 @@
 
 Measured: tokens/s, latency p50/p99 (from the trace's start: all requests are queued at t=0, a FIFO
 like the paper's successor's setup) and mean loops per token, per mode, in one run.
-Simulated (--simulate), two cost models over the same replay of the scheduler with the oracle (or
-sampled) exit traces: the paper's, where a step costs the layers it runs (a batch runs in parallel:
-sequence-wise CB pays B*K per step, depth-wise K per step; KV fill and LM head free), and the
-memory-bound one, where a step costs the weight bytes it reads (StepCost). At decode batch sizes a
-step's time is close to the second, which is why measured CDB speedups sit near it, not near B / loops.
+Simulated (--simulate), two cost models over the same replay of the scheduler with each CDB row's exit
+trace (oracle, sampled, or the exits a confidence run took): the paper's, where a step costs the
+layers it runs (a batch runs in parallel: sequence-wise CB pays B*K per step, depth-wise K per step;
+KV fill and LM head free), and the memory-bound one, where a step costs the weight bytes it reads
+(StepCost). At batch 8 on a CPU the measured CDB speedups fall between the two, much nearer the second.
 """
 
 from __future__ import annotations
