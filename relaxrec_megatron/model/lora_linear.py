@@ -117,6 +117,7 @@ class ColumnLora(LoopAware):
         self.tp_rank = ps.get_tensor_model_parallel_rank()
         self.shapes = self._lora_shapes(input_size, output_size if self.lora_replicated else self.local_out)
         self.lora = LoopLora(self.shapes, lora_ranks, loops, config.params_dtype)
+        self.lora_layout = None if self.lora_replicated else self._lora_layout()
         self.loop_bias = nn.ParameterDict({str(b): nn.Parameter(torch.zeros(self.local_out, dtype=config.params_dtype))
                                            for b in loops}) if per_loop_bias and bias else None
         for p in self.lora.lora_A.values():
@@ -131,6 +132,17 @@ class ColumnLora(LoopAware):
             return {"q": (groups * self.heads_per_group * hd, d_in), "k": (groups * hd, d_in), "v": (groups * hd, d_in)}
         share = out // len(self.lora_modules)
         return {m: (share, d_in) for m in self.lora_modules}
+
+    def _lora_layout(self) -> tuple[int, tuple[tuple[int, int], ...], tuple[int, ...]]:
+        """AddLoraInPlace's (groups, columns, ranks) for the modules that carry a LoRA."""
+        sizes = [self.shapes[m][0] for m in self.lora_modules]
+        if self.lora_modules == ("q", "k", "v"):
+            groups = sizes[1] // self.config.kv_channels
+            widths = [size // groups for size in sizes]
+        else:
+            groups, widths = 1, sizes
+        columns = {m: (sum(widths[:i]), widths[i]) for i, m in enumerate(self.lora_modules)}
+        return groups, tuple(columns[m] for m in self.lora.modules_), tuple(self.lora.ranks[m] for m in self.lora.modules_)
 
     def lora_activation(self, x: torch.Tensor) -> torch.Tensor:
         """z = [A_m x for each module] of the active loop, gathered over TP (SP) or marked replicated."""
@@ -169,15 +181,7 @@ class ColumnLora(LoopAware):
         if self.lora_replicated:  # this rank's columns are a slice of one query group's fused LoRA output
             return out + self.lora_delta(x)
         loop, lora = self.active_loop, self.lora
-        sizes = [self.shapes[m][0] for m in self.lora_modules]
-        if self.lora_modules == ("q", "k", "v"):
-            groups = sizes[1] // self.config.kv_channels
-            widths = [size // groups for size in sizes]
-        else:
-            groups, widths = 1, sizes
-        columns = {m: (sum(widths[:i]), widths[i]) for i, m in enumerate(self.lora_modules)}
-        return AddLoraInPlace.apply(out, self.lora_activation(x), groups, tuple(columns[m] for m in lora.modules_),
-                                    tuple(lora.ranks[m] for m in lora.modules_),
+        return AddLoraInPlace.apply(out, self.lora_activation(x), *self.lora_layout,
                                     *(lora.lora_B[_key(m, loop)] for m in lora.modules_))
 
     def _relax(self, out, bias, x):
