@@ -289,3 +289,16 @@ def test_generate_cli_errors(chat_model, capsys, argv, message):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--repeat", "0"], "must be >= 1"),
+    (["--exit-prob", "1.5"], "a probability is at most 1"),
+    (["--device", "nosuchdevice"], "--device nosuchdevice"),
+] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "--device cuda")]))
+def test_bench_serve_cli_errors(capsys, argv, message):
+    from relaxrec_megatron.cli.main import main
+
+    assert main(["bench", "serve", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]

@@ -27,6 +27,7 @@ def add_parser(sub) -> None:
     s.add_argument("--max-batch", type=int, default=8)
     s.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                    help="serving dtype (bf16 is fast on CPUs with AMX/AVX512-BF16 and on GPUs)")
+    s.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when present, else cpu)")
     s.add_argument("--confidence", type=float, default=None, help="also run CDB with max-prob exits at this threshold")
     s.add_argument("--exit-prob", type=float, default=0.5,
                    help="also run CDB with sampled exit traces: each token exits after each non-final loop with this "
@@ -50,8 +51,9 @@ def _models(args):
     import relaxrec_megatron  # noqa: F401
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    load = lambda path: AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(args.device).eval()
     if args.model:
-        yield Path(args.model).name, AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).eval()
+        yield Path(args.model).name, load(args.model)
         return
     from ..hf.convert import RecursionSpec, convert_to_relaxed
     from ..hf.smollm import smollm_checkpoint
@@ -61,8 +63,7 @@ def _models(args):
         for loops in args.loops:
             out = Path(tmp) / f"loops{loops}"
             convert_to_relaxed(str(source), out, RecursionSpec(loops=loops, rank=args.rank), dtype="fp32", progress=False)
-            yield (f"SmolLM2-135M, {loops} loops, rank {args.rank}, {args.dtype}",
-                   AutoModelForCausalLM.from_pretrained(out, dtype=dtype).eval())
+            yield f"SmolLM2-135M, {loops} loops, rank {args.rank}, {args.dtype}, {args.device}", load(out)
 
 
 def corpus_tokens(model_path: str | None) -> list[int]:
@@ -81,6 +82,11 @@ def run(args) -> int:
 
     if args.requests < 1 or args.max_batch < 1 or args.repeat < 1:
         raise UserError("--requests, --max-batch and --repeat must be >= 1")
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        torch.empty(0, device=args.device)
+    except (RuntimeError, AssertionError) as e:
+        raise UserError(f"--device {args.device}: {str(e).splitlines()[0]}; pass cpu or a CUDA device this machine has")
     if args.exit_prob > 1:
         raise UserError(f"--exit-prob {args.exit_prob}: a probability is at most 1")
     exit_prob = args.exit_prob if args.exit_prob >= 0 else None
@@ -90,7 +96,7 @@ def run(args) -> int:
     results = {}
     print(f"trace: {len(trace)} requests, prompts ~N({args.prompt_mean:g}, {args.prompt_std:g}), generations "
           f"~N({args.gen_mean:g}, {args.gen_std:g}), {sum(r.max_new_tokens for r in trace)} tokens, "
-          f"max batch {args.max_batch}, {args.dtype}, {torch.get_num_threads()} threads", flush=True)
+          f"max batch {args.max_batch}, {args.dtype}, {args.device}, {torch.get_num_threads()} threads", flush=True)
     for name, model in _models(args):
         rows = run_benchmark(engine_weights(model), trace, args.max_batch, max_len, args.confidence, args.simulate,
                              exit_prob, args.repeat)

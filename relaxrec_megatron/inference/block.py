@@ -11,8 +11,9 @@ KV fill of early exits: a token that exits at loop e is never run at loops e+1..
 attend to it there. The engine appends one "K/V-only" token per skipped loop to the next step's batch
 (after the `rows` tokens that run the whole layer): its input is the exit hidden state, and each
 layer writes the K/V projections of its input norm with that loop's LoRA. Cost per exited token:
-(B - 1 - e) extra tokens through each layer's qkv GEMM (2 h (q + 2 kv) FLOPs a token, 15% of a layer's
-FLOPs in SmolLM2) and no extra pass over the weights: they ride the next step's GEMMs. Fills are
+(B - 1 - e) extra tokens through each layer's k and v GEMMs, LoRA included (2 h 2 kv FLOPs a token,
+6% of a layer's FLOPs in SmolLM2; no query), and no extra pass over the weights: they ride the next
+step's GEMMs. Fills are
 skipped when the request is done, since no later token will read them.
 """
 
@@ -25,7 +26,6 @@ import torch
 import torch.nn.functional as F
 
 from ..model import numerics
-from .gemm import RowsLinear
 from .kv_cache import KVCache
 from .weights import EngineWeights, LayerW, NormW, Projection
 
@@ -67,13 +67,15 @@ class TokenBatch:
         return TokenBatch(self.slot[:n], self.loop[:n], self.pos[:n], self.cos[:n], self.sin[:n], self.num_loops, n)
 
 
-def project(x: torch.Tensor, p: Projection, tb: TokenBatch) -> list[torch.Tensor]:
+def project(x: torch.Tensor, p: Projection, tb: TokenBatch, rows_only: tuple[str, ...] = ()) -> list[torch.Tensor]:
     """The outputs of every module of a projection, each token with its own loop's LoRA: per segment
-    of tokens at loop b, one GEMM gives A_b x for all modules, and each module's B_b is added in place."""
+    of tokens at loop b, one GEMM gives A_b x for all modules, and each module's B_b is added in place.
+    Modules named in `rows_only` run over tb's rows alone (a K/V-only token needs no query)."""
     ys = []
-    for w in p.modules.values():
-        y = F.linear(x, w.weight, w.bias)
-        ys.append(y if w.loop_bias is None else y + w.loop_bias[tb.loop])
+    for m, w in p.modules.items():
+        n = tb.rows if m in rows_only else x.shape[0]
+        y = F.linear(x if n == x.shape[0] else x[:n], w.weight, w.bias)
+        ys.append(y if w.loop_bias is None else y + w.loop_bias[tb.loop[:n]])
     R = p.rank
     if R == 0:
         return ys
@@ -82,9 +84,11 @@ def project(x: torch.Tensor, p: Projection, tb: TokenBatch) -> list[torch.Tensor
         z = F.linear(x if whole else x[start:end], p.lora_A[b * R:(b + 1) * R])
         offset = 0
         for y, Bt, r in zip(ys, p.lora_Bt, p.ranks):
-            if r:
-                (y if whole else y[start:end]).addmm_(z[:, offset:offset + r], Bt[b * r:(b + 1) * r])
-                offset += r
+            stop = min(end, y.shape[0])
+            if r and stop > start:
+                whole_y = start == 0 and stop == y.shape[0]
+                (y if whole_y else y[start:stop]).addmm_(z[:stop - start, offset:offset + r], Bt[b * r:(b + 1) * r])
+            offset += r
     return ys
 
 
@@ -107,11 +111,11 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 def attention(x: torch.Tensor, lw: LayerW, cfg, tb: TokenBatch, cache: KVCache, layer: int) -> torch.Tensor:
     """x: the input-normed hidden states of all of tb's tokens; returns the attention output of its rows."""
     T, rows = x.shape[0], tb.rows_only
-    q, k, v = project(x, lw.projections["qkv"], tb)
+    q, k, v = project(x, lw.projections["qkv"], tb, rows_only=("q",))
     k = rotary(k.view(T, cfg.num_key_value_heads, cfg.head_dim), tb.cos, tb.sin)
     cache.write(layer, tb, k, v.view(T, cfg.num_key_value_heads, cfg.head_dim))
     n = tb.rows
-    q = rotary(q[:n].view(n, cfg.num_attention_heads, cfg.head_dim), rows.cos, rows.sin)
+    q = rotary(q.view(n, cfg.num_attention_heads, cfg.head_dim), rows.cos, rows.sin)
     keys, values, valid = cache.read(layer, rows)  # (n, S, kv, hd), (n, S)
     out = F.scaled_dot_product_attention(q[:, :, None, :], keys.transpose(1, 2), values.transpose(1, 2),
                                          attn_mask=valid[:, None, None, :], scale=cfg.head_dim ** -0.5,
@@ -140,8 +144,3 @@ def layer_forward(x: torch.Tensor, w: EngineWeights, k: int, tb: TokenBatch, cac
         return x + attn + feed_forward(norm(x, lw.post_norm, cfg, rows.loop), lw, rows, act)
     h = x + attn
     return h + feed_forward(norm(h, lw.post_norm, cfg, rows.loop), lw, rows, act)
-
-
-def logits(hidden: torch.Tensor, w: EngineWeights, head: RowsLinear) -> torch.Tensor:
-    """head: the LM head GEMM over w.lm_head (gemm.RowsLinear)."""
-    return head(norm(hidden, w.final_norm, w.config, None))

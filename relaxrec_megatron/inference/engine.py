@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers.activations import ACT2FN
 
-from .block import TokenBatch, layer_forward, logits
-from .gemm import RowsLinear
+from .block import TokenBatch, layer_forward
+from .head import LMHead
 from .kv_cache import KVCache
 from .weights import EngineWeights
 
@@ -109,7 +109,8 @@ class Engine:
         self.cache = KVCache(max_batch, self.B, self.K, max_len, cfg.num_key_value_heads, cfg.head_dim,
                              dtype=weights.embed.dtype, device=weights.embed.device)
         self.multiplier = float(cfg.embedding_multiplier)
-        self.head = RowsLinear(weights.lm_head, max_batch)
+        self.head = LMHead(weights, max_batch)
+        self.device = weights.embed.device
 
     # -- public ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -131,7 +132,8 @@ class Engine:
                 req = waiting.pop(0)
                 req.t_arrival = step_start[req.arrival_step]  # latency counts queueing time too
                 n = len(req.prompt)
-                rows.append(Row(req, self.cache.allocate(), torch.tensor(req.prompt), torch.arange(n), prefill=True))
+                pos = torch.arange(n, device=self.device)
+                rows.append(Row(req, self.cache.allocate(), self._ids(req.prompt), pos, prefill=True))
             if rows:
                 rows = self._step(rows, stats, t0, on_token)
             step += 1
@@ -147,11 +149,11 @@ class Engine:
                 r.loop = b
             self._block(rows)
             if self.record and b < self.B - 1:
-                self._record_predictions(rows, self._last_logits(rows))
-        lg = self._last_logits(rows)
+                self._record_predictions(rows, self._greedy(rows))
+        tokens = self._greedy(rows)
         if self.record:
-            self._record_predictions(rows, lg)
-        return self._emit(rows, lg, stats, t0, on_token)
+            self._record_predictions(rows, tokens)
+        return self._emit(rows, tokens, stats, t0, on_token)
 
     def _depthwise_step(self, rows: list[Row], stats: Stats, t0: float, on_token) -> list[Row]:
         """One block call; rows at their last loop or exiting emit a token, the rest go one loop deeper.
@@ -161,20 +163,20 @@ class Engine:
         early = [r for r in rows if r.loop < self.B - 1 and not r.prefill]
         kind = self.exit.kind
         if kind in ("maxprob", "margin") and early:
-            lg = self._last_logits(final + early)
+            lg = self.head.logits(self._last_hidden(final + early))
             top = torch.softmax(lg[len(final):], dim=-1).topk(2, dim=-1).values
             conf = top[:, 0] if kind == "maxprob" else top[:, 0] - top[:, 1]
             keep = torch.nonzero(conf >= self.exit.threshold).flatten()
             exited = [early[i] for i in keep.tolist()]
-            lg = torch.cat([lg[:len(final)], lg[len(final):][keep]])
+            tokens = torch.cat([lg[:len(final)], lg[len(final):][keep]]).argmax(-1).tolist()
         else:
             exited = [r for r in early if kind == "oracle" and self._oracle_exit(r)]
-            lg = self._last_logits(final + exited) if final or exited else None
+            tokens = self._greedy(final + exited)
         done = {id(r) for r in final + exited}
         carry = [r for r in rows if id(r) not in done]
         for r in carry:
             r.loop += 1
-        return carry + self._emit(final + exited, lg, stats, t0, on_token)
+        return carry + self._emit(final + exited, tokens, stats, t0, on_token)
 
     def _oracle_exit(self, r: Row) -> bool:
         trace, i = r.req.exit_trace, len(r.req.output)
@@ -203,28 +205,35 @@ class Engine:
     def _token_batch(self, rows: list[Row], fills: list[tuple[Row, int]]) -> TokenBatch:
         slot = [r.slot for r in rows for _ in range(r.tokens.numel())] + [r.slot for r, _ in fills]
         loop = [r.loop for r in rows for _ in range(r.tokens.numel())] + [b for _, b in fills]
-        pos = torch.cat([r.pos for r in rows] + ([torch.tensor([r.fill.pos for r, _ in fills])] if fills else []))
-        return TokenBatch.build(torch.tensor(slot), torch.tensor(loop), pos, self.w.inv_freq, self.B,
+        pos = torch.cat([r.pos for r in rows] + ([self._ids([r.fill.pos for r, _ in fills])] if fills else []))
+        return TokenBatch.build(self._ids(slot), self._ids(loop), pos, self.w.inv_freq, self.B,
                                 rows=len(slot) - len(fills))
 
-    def _last_logits(self, rows: list[Row]) -> torch.Tensor:
-        return logits(torch.stack([r.hidden[-1] for r in rows]), self.w, self.head).float()
+    def _ids(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, device=self.device)
 
-    def _record_predictions(self, rows: list[Row], lg: torch.Tensor) -> None:
-        for r, p in zip(rows, lg.argmax(-1).tolist()):
+    @staticmethod
+    def _last_hidden(rows: list[Row]) -> torch.Tensor:
+        return torch.stack([r.hidden[-1] for r in rows])
+
+    def _greedy(self, rows: list[Row]) -> list[int]:
+        return self.head.argmax(self._last_hidden(rows)) if rows else []
+
+    def _record_predictions(self, rows: list[Row], tokens: list[int]) -> None:
+        for r, p in zip(rows, tokens):
             if not r.prefill:
                 if r.loop == 0:
                     r.req.loop_predictions.append([])
                 r.req.loop_predictions[-1].append(p)
 
-    def _emit(self, finished: list[Row], lg: torch.Tensor | None, stats: Stats, t0: float, on_token) -> list[Row]:
-        """Finished rows emit their next token (argmax of `lg`, their logits in order); unfinished
+    def _emit(self, finished: list[Row], tokens: list[int], stats: Stats, t0: float, on_token) -> list[Row]:
+        """Finished rows emit their next token (`tokens`, their greedy tokens in order); unfinished
         requests continue at loop 0, with the K/V fill of the loops an early exit skipped."""
         if not finished:
             return []
         carry = []
         now = time.perf_counter() - t0
-        for r, tok in zip(finished, lg.argmax(-1).tolist()):
+        for r, tok in zip(finished, tokens):
             req = r.req
             req.output.append(tok)
             req.loops_used.append(r.loop + 1)
@@ -241,7 +250,7 @@ class Engine:
             else:
                 p = int(r.pos[-1])
                 fill = KVFill(r.hidden[-1], p, r.loop + 1) if r.loop < self.B - 1 else None
-                carry.append(Row(req, r.slot, torch.tensor([tok]), torch.tensor([p + 1]), fill=fill))
+                carry.append(Row(req, r.slot, self._ids([tok]), self._ids([p + 1]), fill=fill))
         return carry
 
 
