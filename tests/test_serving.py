@@ -38,6 +38,13 @@ def served(tiny_dirs, tmp_path_factory):
     return out
 
 
+@pytest.fixture(params=["masked", "segments"])
+def lora_form(request, monkeypatch):
+    """Each of block.project's two forms of a step with several loops present, in every such step."""
+    monkeypatch.setattr(block, "MASKED_MAX_TOKENS", 10**9 if request.param == "masked" else 0)
+    return request.param
+
+
 def hf_greedy(model, prompt: list[int]) -> list[int]:
     ids = torch.tensor([prompt])
     gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False, pad_token_id=0)
@@ -52,7 +59,7 @@ def requests(prompts, eos, arrivals=None, traces=None):
 @pytest.mark.parametrize("max_batch", [1, 3, 5])
 @pytest.mark.parametrize("mode", ["cdb", "seq", "static"])
 @pytest.mark.parametrize("name", [f"{a}-{k}-{s.loops}" for a, k, s in MODELS])
-def test_greedy_output_equals_hf_generate(served, name, mode, max_batch):
+def test_greedy_output_equals_hf_generate(served, name, mode, max_batch, lora_form):
     model, w, prompts, refs, _ = served[name]
     reqs = requests(prompts, model.generation_config.eos_token_id, arrivals=[0, 0, 2, 3, 7])
     Engine(w, mode=mode, max_batch=max_batch, max_len=64).run(reqs)
@@ -69,7 +76,7 @@ def test_vanilla_unrolled_model_in_the_same_engine(served, tmp_path):
     assert [r.output for r in reqs] == refs
 
 
-def test_rows_at_different_loops_share_a_step(served, monkeypatch):
+def test_rows_at_different_loops_share_a_step(served, monkeypatch, lora_form):
     """Guards the CDB parity test: staggered arrivals put rows at different loops in one block call."""
     seen = []
     build = block.TokenBatch.build.__func__
@@ -99,7 +106,7 @@ def test_oracle_trace_that_exits_nothing_changes_nothing(served):
 
 
 @pytest.mark.parametrize("policy", [ExitPolicy("maxprob", 0.05), ExitPolicy("margin", 0.02), ExitPolicy("oracle")])
-def test_results_do_not_depend_on_batch_composition(served, policy):
+def test_results_do_not_depend_on_batch_composition(served, policy, lora_form):
     model, w, prompts, _, _ = served["gpt_neox-recursive-4"]
     eos = model.generation_config.eos_token_id
     traces = None
@@ -132,7 +139,7 @@ def test_exited_tokens_get_their_deeper_kv_filled(served):
         assert engine.cache.k[0, 1, layer, n + NEW - 2].abs().sum() == 0
 
 
-def test_filled_kv_equals_the_skipped_layers_projections(served):
+def test_filled_kv_equals_the_skipped_layers_projections(served, lora_form):
     """Every token exits after loop 0; its loop-1 K/V must be loop 1's projections (own norm, own LoRA)
     of its exit hidden state, which is the reference model's hidden state after the first K layers."""
     from relaxrec_megatron.hf.modeling_relaxrec import apply_rotary

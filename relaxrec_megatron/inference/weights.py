@@ -4,7 +4,8 @@ Linears that read the same input form one `Projection` (q,k,v; gate,up; o; down)
 stay separate (on CPU, x @ W^T per module beat one fused GEMM at decode batch sizes). The LoRA A
 factors of all modules are stacked loop by loop into one matrix, so one GEMM over a loop's slice gives
 that loop's rank-r activations of every module (see block.project), and the B factors of a module are
-stacked by loop; a batch whose rows sit at different loops slices each loop's factors from them.
+stacked by loop; a batch whose rows sit at different loops slices each loop's factors from them. A
+second copy of the A factors, module by module, serves project's masked form (one GEMM for all loops).
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ class Projection:
     loops: int
     lora_A: torch.Tensor | None  # (loops * sum(ranks), d_in): for each loop b, [A_m,b for m with a LoRA]
     lora_Bt: tuple[torch.Tensor | None, ...]  # per module (loops * r_m, d_out): B_m,b^T in rows [b r_m, (b+1) r_m)
+    # The same A factors module by module, each module's loops together (rows [A_m,0; A_m,1; ...]), so
+    # that one GEMM over them gives every loop's activations in the column order of lora_Bt, and the
+    # loop of each of those rows (block.project's masked form).
+    lora_A_by_module: torch.Tensor | None = None  # (loops * sum(ranks), d_in)
+    column_loop: torch.Tensor | None = None  # (loops * sum(ranks),)
 
     @property
     def rank(self) -> int:
@@ -55,8 +61,12 @@ def fuse(modules: dict[str, ModuleW], loops: int) -> Projection:
     a_rows = [w.lora_A[b] for b in range(loops) for w in ws if w.lora_A is not None]
     lora_A = torch.cat(a_rows).contiguous() if a_rows else None
     lora_Bt = tuple(None if w.lora_B is None else torch.cat([B.t() for B in w.lora_B]).contiguous() for w in ws)
+    by_module = [w.lora_A.reshape(-1, w.lora_A.shape[-1]) for w in ws if w.lora_A is not None]
+    column_loop = [b for r in ranks for b in range(loops) for _ in range(r)]
     shared = {m: replace(w, lora_A=None, lora_B=None) for m, w in modules.items()}
-    return Projection(shared, ranks, loops, lora_A, lora_Bt)
+    return Projection(shared, ranks, loops, lora_A, lora_Bt,
+                      torch.cat(by_module).contiguous() if by_module else None,
+                      torch.tensor(column_loop, device=ws[0].weight.device) if by_module else None)
 
 
 @dataclass
