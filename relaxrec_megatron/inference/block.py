@@ -3,9 +3,10 @@
 Every token carries (slot, loop, position). The engine orders tokens by loop, so the tokens of one
 loop form a contiguous segment: each projection runs its shared weights once over all tokens and, per
 segment, that loop's LoRA (one A GEMM for all modules of the projection, then B added in place into
-each module's output rows). So each loop present reads its own LoRA factors once and computes only its
-own rows; no Python loop over rows. Per-loop norms and biases are gathered by loop. Attention reads
-the token's KV cache row (slot, loop, layer), so loop 2 never sees loop 1's keys.
+each module's output rows); a step with several loops and few tokens takes project's masked form.
+Either way each loop present reads its own LoRA factors once; no Python loop over rows. Per-loop norms
+and biases are gathered by loop. Attention reads the token's KV cache row (slot, loop, layer), so loop
+2 never sees loop 1's keys.
 
 KV fill of early exits: a token that exits at loop e is never run at loops e+1..B-1, yet later tokens
 attend to it there. The engine appends one "K/V-only" token per skipped loop to the next step's batch
@@ -13,8 +14,7 @@ attend to it there. The engine appends one "K/V-only" token per skipped loop to 
 layer writes the K/V projections of its input norm with that loop's LoRA. Cost per exited token:
 (B - 1 - e) extra tokens through each layer's k and v GEMMs, LoRA included (2 h 2 kv FLOPs a token,
 6% of a layer's FLOPs in SmolLM2; no query), and no extra pass over the weights: they ride the next
-step's GEMMs. Fills are
-skipped when the request is done, since no later token will read them.
+step's GEMMs. Fills are skipped when the request is done, since no later token will read them.
 """
 
 from __future__ import annotations
