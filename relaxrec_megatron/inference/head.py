@@ -51,8 +51,10 @@ class RowsLinear:
 class ScreenedArgmax:
     """The exact argmax of x @ W^T from a bf16 screen and fp32 scores of the survivors (module docstring)."""
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, full=None):
+        """full: the fp32 head GEMM for flat logits (LMHead passes its packed RowsLinear)."""
         self.weight = weight
+        self.full = full or (lambda x: F.linear(x, weight))
         self.screen = weight.bfloat16()
         self.row_norms = weight.norm(dim=1)
         self.c = 2 * (3 * BF16_UNIT_ROUNDOFF + weight.shape[1] * 2.0 ** -24)
@@ -62,18 +64,22 @@ class ScreenedArgmax:
         return (weight.device.type == "cpu" and weight.dtype == torch.float32
                 and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
+    def _scale(self, x: torch.Tensor) -> torch.Tensor:
+        """(n, 1): e_i / ||w_i|| for each state."""
+        return self.c * x.norm(dim=1, keepdim=True)
+
     def error_bound(self, x: torch.Tensor) -> torch.Tensor:
-        """(n, V): e_i for every state and vocabulary row (what __call__ computes in place)."""
-        return self.c * x.norm(dim=1, keepdim=True) * self.row_norms[None]
+        """(n, V): e_i for every state and vocabulary row (__call__ forms it in place, from _scale)."""
+        return self._scale(x) * self.row_norms[None]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         score = F.linear(x.bfloat16(), self.screen).float()
-        scale = self.c * x.norm(dim=1, keepdim=True)
+        scale = self._scale(x)
         best_lower = torch.addcmul(score, scale, self.row_norms[None], value=-1).amax(dim=1, keepdim=True)
         may_win = score.addcmul_(scale, self.row_norms[None]) >= best_lower
         cols = may_win.any(dim=0).nonzero().flatten()
         if cols.numel() > self.weight.shape[0] // 8:  # flat logits: the whole fp32 head is cheaper
-            return F.linear(x, self.weight).argmax(dim=1)
+            return self.full(x).argmax(dim=1)
         exact = F.linear(x, self.weight[cols]).masked_fill_(~may_win[:, cols], -torch.inf)
         return cols[exact.argmax(dim=1)]  # cols ascend: exact ties go to the lowest index, as torch.argmax
 
@@ -82,7 +88,7 @@ class LMHead:
     def __init__(self, w: EngineWeights, batch_hint: int = 8):
         self.w = w
         self.gemm = RowsLinear(w.lm_head, batch_hint)
-        self.screened = ScreenedArgmax(w.lm_head) if ScreenedArgmax.available(w.lm_head) else None
+        self.screened = ScreenedArgmax(w.lm_head, self.gemm) if ScreenedArgmax.available(w.lm_head) else None
 
     def _normed(self, hidden: torch.Tensor) -> torch.Tensor:
         return norm(hidden, self.w.final_norm, self.w.config, None)
