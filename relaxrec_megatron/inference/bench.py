@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .engine import Engine, ExitPolicy, Request, mean_loops_per_token, oracle_exit_trace
-from .head import ScreenedArgmax
+from .head import ScreenedHead
 from .weights import EngineWeights, unrolled_weights
 
 
@@ -87,8 +87,8 @@ class StepCost:
     """What one block pass costs in the simulation. The paper's model: the layers it runs (shared = K).
     The memory-bound model (weight_bytes): the weight bytes a step reads, which is what a decode step
     at a small batch costs on a CPU (and on a GPU): the shared layers once, the LoRA of every loop
-    present among the step's tokens (rows and K/V fills), the LM head when a row emits (the bytes of the
-    head the greedy token reads: the bf16 screen where head.ScreenedArgmax runs, else the head itself)."""
+    present among the step's tokens (rows and K/V fills), the LM head when a row emits (the bf16 screen
+    where head.ScreenedHead runs, else the head itself)."""
     shared: float
     lora: float = 0.0  # one loop's LoRA factors over the K shared layers
     head: float = 0.0
@@ -101,7 +101,7 @@ def weight_bytes(w: EngineWeights) -> StepCost:
             shared += sum(m.weight.nbytes + (0 if m.bias is None else m.bias.nbytes) for m in p.modules.values())
             if p.rank:
                 lora += (p.lora_A.nbytes + sum(Bt.nbytes for Bt in p.lora_Bt if Bt is not None)) / p.loops
-    head = w.lm_head.nbytes // 2 if ScreenedArgmax.available(w.lm_head) else w.lm_head.nbytes
+    head = w.lm_head.nbytes // 2 if ScreenedHead.available(w.lm_head) else w.lm_head.nbytes
     return StepCost(shared, lora, head)
 
 

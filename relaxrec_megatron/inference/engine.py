@@ -163,12 +163,10 @@ class Engine:
         early = [r for r in rows if r.loop < self.B - 1 and not r.prefill]
         kind = self.exit.kind
         if kind in ("maxprob", "margin") and early:
-            lg = self.head.logits(self._last_hidden(final + early))
-            top = torch.softmax(lg[len(final):], dim=-1).topk(2, dim=-1).values
-            conf = top[:, 0] if kind == "maxprob" else top[:, 0] - top[:, 1]
-            keep = torch.nonzero(conf >= self.exit.threshold).flatten()
-            exited = [early[i] for i in keep.tolist()]
-            tokens = torch.cat([lg[:len(final)], lg[len(final):][keep]]).argmax(-1).tolist()
+            decide = self._ids([False] * len(final) + [True] * len(early))
+            tokens, exits = self.head.exits(self._last_hidden(final + early), kind, self.exit.threshold, decide)
+            exited = [r for r, e in zip(early, exits[len(final):]) if e]
+            tokens = tokens[:len(final)] + [t for t, e in zip(tokens[len(final):], exits[len(final):]) if e]
         else:
             exited = [r for r in early if kind == "oracle" and self._oracle_exit(r)]
             tokens = self._greedy(final + exited)

@@ -1,25 +1,38 @@
-"""The LM head at decode: the final norm, then the logits, or only the greedy token where that is all
-a step needs (every emitted token, and every exit but a confidence exit's).
+"""The LM head at decode: the final norm, then the greedy token and, for confidence exits, whether
+each row is confident enough to exit: both exactly as the fp32 logits give them.
 
-Logits (`logits`): on CPU in fp32 with MKL, MKL's packed GEMM. The weight is packed once instead of on
-every call, which runs the SmolLM2 LM head (49152 x 576) at 8 rows 2.3x faster (4.9 vs 11.5 ms,
+Logits (`RowsLinear`): on CPU in fp32 with MKL, MKL's packed GEMM. The weight is packed once instead of
+on every call, which runs the SmolLM2 LM head (49152 x 576) at 8 rows 2.3x faster (4.9 vs 11.5 ms,
 measured here); it keeps a packed copy of the weight and differs from F.linear only by summation
 order (max |diff| 6e-5 on logits of that head). Elsewhere (GPU, bf16, no MKL): F.linear.
 
-Greedy token (`argmax`), exact, on CPUs with native bf16 GEMMs (AMX / AVX512-BF16) and an fp32 head:
-a bf16 copy of the head (half the bytes to read) scores every vocabulary row, and only the rows that
-may still be the fp32 argmax are scored in fp32. A bf16 score a_i of state x and head row w_i is within
-e_i = c ||x|| ||w_i|| of the exact score: x and w_i are rounded to bf16, the products summed in fp32,
-the sum rounded to bf16, so |error| <= (3u + d 2^-24) sum_j |x_j w_ij| to first order (u = 2^-8, d the
-hidden size), then Cauchy-Schwarz, and c keeps a factor 2 to spare. So the argmax is among the rows
-with a_i + e_i >= max_j (a_j - e_j), and only those are scored in fp32: the token is the fp32 argmax,
-as exact as any other fp32 GEMM's (summation order aside, as above). tests/test_head.py checks the
-bound, and that near-ties below bf16's resolution go to the fp32 winner. It keeps a bf16 copy
-of the head (56 MB for SmolLM2); where the logits are so flat that over 1/8 of the vocabulary
-survives, it scores the whole head in fp32 instead. Head time per call, full packed fp32 vs screened,
-on the states of SmolLM2 bench runs (scratch timing): batch 8, 2 loops: seq-CB (7.1 rows a call) 5.5
-vs 3.7 ms, CDB (4.7 rows) 5.7 vs 3.4 ms; 3 loops: seq-CB 5.6 vs 4.1 ms, CDB (4.0 rows) 5.0 vs 3.0 ms;
-batch 64, 3 loops: CDB (22 rows) 9.2 vs 5.8 ms, seq-CB (36 rows) 12.2 vs 9.5 ms, 64 rows 14.8 vs 14.8.
+Screened head (`ScreenedHead`), on CPUs with native bf16 GEMMs (AMX / AVX512-BF16) and an fp32 head:
+a bf16 copy of the head (half the bytes; packed once for oneDNN, `PackedBF16Linear`) scores every
+vocabulary row, with a rigorous bound E on how far any of a state's scores a_i is from the fp32 one;
+then only what the bound leaves open is computed in fp32.
+- The bound. With x~ = bf16(x) and w~_i = bf16(w_i), x.w_i - x~.w~_i = (x - x~).w_i + x~.(w_i - w~_i)
+  exactly; the GEMM sums the products of x~ and w~_i in fp32 (error <= gamma_d ||x~|| ||w~_i||,
+  gamma_d = d 2^-24 / (1 - d 2^-24)) and rounds the sum to bf16 (error <= u |a_i| / (1 - u), u = 2^-8).
+  Cauchy-Schwarz on the rounding terms, with the rounding errors' actual norms and the largest over
+  the vocabulary of each row term, gives one bound per state:
+  E = ||x - x~|| max ||w_i|| + ||x~|| max (||w_i - w~_i|| + gamma_d ||w~_i||) + u max |a_i| / (1 - u),
+  and BOUND_MARGIN covers the bound's own fp32 arithmetic. On SmolLM2's exit states E is about 1 nat
+  and the largest actual error about 0.3 of it (6u ||x|| ||w_i|| would be about 3 nats).
+- Greedy token (`argmax`): the argmax is among the rows with a_i >= max_j a_j - 2E; those rows are
+  scored in fp32 (one small GEMM over every state's candidates), so the token is the fp32 argmax.
+- Confidence exit (`exits`): max-prob p_1 = 1 / S and margin p_1 - p_2 = (1 - exp(l_2 - l_1)) / S,
+  with S = sum_i exp(l_i - l_1). The rows within EXIT_WINDOW nats of the top (and, for the margin, every
+  row that may be second) are scored in fp32, which gives l_1 and l_2 exactly; every other row's term
+  lies in [0, exp(a_i + E - l_1)], so S lies in an interval. Where the interval leaves the decision
+  open (or it lies within a relative 1e-5 of the threshold, so that no decision rests on summation
+  order), that state's logits are computed in fp32 whole: 0.6% of the decisions (4% of the calls)
+  on SmolLM2's states at 3 loops with max-prob >= 0.5, 2.6% (16%) at 2 loops.
+Where the logits are so flat that over 1/8 of the vocabulary needs fp32 scores, the whole fp32 head
+is used instead. tests/test_head.py checks the bound against fp64, near-ties below bf16's resolution,
+and exit decisions at 3e-5 of the threshold against the fp32 logits'. Memory: the packed bf16 head
+(56 MB for SmolLM2) next to the packed fp32 one. Time per call inside SmolLM2 bench runs (3 loops,
+batch 8, scratch timing), before -> now: seq-CB greedy 7.4-7.9 -> 5.2-5.5 ms, CDB greedy 6.2-6.8 ->
+4.7 ms, max-prob exits 9.7-10.3 (the whole fp32 head and a softmax) -> 6.7-7.2 ms.
 """
 
 from __future__ import annotations
@@ -31,6 +44,9 @@ from .block import norm
 from .weights import EngineWeights
 
 BF16_UNIT_ROUNDOFF = 2.0 ** -8
+BOUND_MARGIN = 1.01
+DECISION_RTOL = 1e-5
+EXIT_WINDOW = 6.0  # nats below the best score that confidence exits score in fp32
 
 
 class RowsLinear:
@@ -48,47 +64,107 @@ class RowsLinear:
         return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, None, self.batch_hint)
 
 
-class ScreenedArgmax:
-    """The exact argmax of x @ W^T from a bf16 screen and fp32 scores of the survivors (module docstring)."""
+class PackedBF16Linear:
+    """x @ W^T in bf16 with fp32 accumulation, the weight reordered once for oneDNN: F.linear reorders it
+    on every call, which costs as much as the GEMM (SmolLM2's head at 8 rows: 2.2 vs 4.6 ms with the
+    weight out of cache). The same products, summed the same way: the results are bitwise equal."""
 
-    def __init__(self, weight: torch.Tensor, full=None):
-        """full: the fp32 head GEMM for flat logits (LMHead passes its packed RowsLinear)."""
+    def __init__(self, weight: torch.Tensor, batch_hint: int = 8):
+        self.weight, self.packed = weight, None
+        try:
+            self.packed, self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint), None
+        except (RuntimeError, AttributeError):  # a torch build without the op: plain oneDNN calls
+            pass
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is None:
+            return F.linear(x, self.weight)
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, None, "none", [None], "")
+
+
+def confidence(logits: torch.Tensor, kind: str) -> torch.Tensor:
+    """The reference: max-prob or margin (top-1 minus top-2 probability) of each row of fp32 logits."""
+    top = torch.softmax(logits, dim=-1).topk(2, dim=-1).values
+    return top[:, 0] if kind == "maxprob" else top[:, 0] - top[:, 1]
+
+
+class ScreenedHead:
+    """Exact greedy tokens and confidence exits from a bf16 screen with bounds (module docstring)."""
+
+    def __init__(self, weight: torch.Tensor, full=None, batch_hint: int = 8):
+        """full: the fp32 head GEMM for flat logits and open decisions (LMHead passes its RowsLinear)."""
         self.weight = weight
         self.full = full or (lambda x: F.linear(x, weight))
-        self.screen = weight.bfloat16()
-        self.row_norms = weight.norm(dim=1)
-        self.c = 2 * (3 * BF16_UNIT_ROUNDOFF + weight.shape[1] * 2.0 ** -24)
+        screen = weight.bfloat16()
+        self.screen_gemm = PackedBF16Linear(screen, batch_hint)
+        rounded = screen.float()
+        d = weight.shape[1]
+        gamma = d * 2.0 ** -24 / (1 - d * 2.0 ** -24)
+        self.max_row_norm = float(weight.norm(dim=1).max()) * BOUND_MARGIN
+        self.max_screen_term = float(((weight - rounded).norm(dim=1) + gamma * rounded.norm(dim=1)).max()) * BOUND_MARGIN
+        self.output_rounding = BF16_UNIT_ROUNDOFF / (1 - BF16_UNIT_ROUNDOFF) * BOUND_MARGIN
 
     @staticmethod
     def available(weight: torch.Tensor) -> bool:
         return (weight.device.type == "cpu" and weight.dtype == torch.float32
                 and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
-    def _scale(self, x: torch.Tensor) -> torch.Tensor:
-        """(n, 1): e_i / ||w_i|| for each state."""
-        return self.c * x.norm(dim=1, keepdim=True)
+    def bounded_scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(n, V) bf16 scores a (as fp32), (n,) their maxima, and (n,) bounds E: |x.w_i - a_i| <= E."""
+        xq = x.bfloat16()
+        score = self.screen_gemm(xq).float()
+        xr = xq.float()
+        low, high = torch.aminmax(score, dim=1)
+        bound = ((x - xr).norm(dim=1) * self.max_row_norm + xr.norm(dim=1) * self.max_screen_term
+                 + torch.maximum(high, -low) * self.output_rounding)
+        return score, high, bound
 
-    def error_bound(self, x: torch.Tensor) -> torch.Tensor:
-        """(n, V): e_i for every state and vocabulary row (__call__ forms it in place, from _scale)."""
-        return self._scale(x) * self.row_norms[None]
+    def _rescored(self, x: torch.Tensor, score: torch.Tensor, cut: torch.Tensor):
+        """The vocabulary rows some state scores at least its cut (ascending) and every state's fp32
+        scores on them; None where the logits are too flat for screening to pay."""
+        cols = (score >= cut[:, None]).any(dim=0).nonzero().flatten()
+        if cols.numel() > self.weight.shape[0] // 8:
+            return None
+        return cols, F.linear(x, self.weight[cols])
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        score = F.linear(x.bfloat16(), self.screen).float()
-        scale = self._scale(x)
-        best_lower = torch.addcmul(score, scale, self.row_norms[None], value=-1).amax(dim=1, keepdim=True)
-        may_win = score.addcmul_(scale, self.row_norms[None]) >= best_lower
-        cols = may_win.any(dim=0).nonzero().flatten()
-        if cols.numel() > self.weight.shape[0] // 8:  # flat logits: the whole fp32 head is cheaper
+    def argmax(self, x: torch.Tensor) -> torch.Tensor:
+        score, best, bound = self.bounded_scores(x)
+        rescored = self._rescored(x, score, best - 2 * bound)  # a_i + E >= max_j a_j - E
+        if rescored is None:
             return self.full(x).argmax(dim=1)
-        exact = F.linear(x, self.weight[cols]).masked_fill_(~may_win[:, cols], -torch.inf)
+        cols, exact = rescored
         return cols[exact.argmax(dim=1)]  # cols ascend: exact ties go to the lowest index, as torch.argmax
+
+    def exits(self, x: torch.Tensor, kind: str, threshold: float, decide: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Greedy tokens (n,) and, for the states where `decide` is set, confidence >= threshold."""
+        score, best, bound = self.bounded_scores(x)
+        cut = best - 2 * bound - EXIT_WINDOW
+        if kind == "margin":  # also every row that may be second
+            cut = torch.minimum(cut, score.topk(2, dim=1).values[:, 1] - 2 * bound)
+        rescored = self._rescored(x, score, cut)
+        if rescored is None:
+            logits = self.full(x)
+            return logits.argmax(dim=1), decide & (confidence(logits, kind) >= threshold)
+        cols, exact = rescored
+        top2 = exact.topk(min(2, cols.numel()), dim=1).values
+        l1 = top2[:, :1]
+        in_cols = (exact - l1).exp_().sum(dim=1)
+        rest = (torch.logsumexp(score.index_fill_(1, cols, -torch.inf), dim=1) - l1[:, 0] + bound).exp_()
+        lead = 1 if kind == "maxprob" else 1 - (top2[:, 1] - top2[:, 0]).exp()
+        low, high = lead / (in_cols + rest * BOUND_MARGIN), lead / in_cols
+        exit_ = low >= threshold * (1 + DECISION_RTOL)
+        open_ = decide & ~exit_ & (high >= threshold * (1 - DECISION_RTOL))
+        if open_.any():
+            exit_[open_] = confidence(self.full(x[open_]), kind) >= threshold
+        return cols[exact.argmax(dim=1)], decide & exit_
 
 
 class LMHead:
     def __init__(self, w: EngineWeights, batch_hint: int = 8):
         self.w = w
         self.gemm = RowsLinear(w.lm_head, batch_hint)
-        self.screened = ScreenedArgmax(w.lm_head, self.gemm) if ScreenedArgmax.available(w.lm_head) else None
+        self.screened = ScreenedHead(w.lm_head, self.gemm, batch_hint) if ScreenedHead.available(w.lm_head) else None
 
     def _normed(self, hidden: torch.Tensor) -> torch.Tensor:
         return norm(hidden, self.w.final_norm, self.w.config, None)
@@ -101,4 +177,15 @@ class LMHead:
         """The greedy token of each state, exactly argmax(logits(hidden))."""
         if self.screened is None:
             return self.logits(hidden).argmax(-1).tolist()
-        return self.screened(self._normed(hidden)).tolist()
+        return self.screened.argmax(self._normed(hidden)).tolist()
+
+    def exits(self, hidden: torch.Tensor, kind: str, threshold: float, decide: torch.Tensor
+              ) -> tuple[list[int], list[bool]]:
+        """Greedy tokens, and which states (of those with `decide` set) exit: confidence(logits(hidden),
+        kind) >= threshold, kind "maxprob" or "margin"."""
+        if self.screened is None:
+            logits = self.logits(hidden)
+            tokens, exit_ = logits.argmax(-1), decide & (confidence(logits, kind) >= threshold)
+        else:
+            tokens, exit_ = self.screened.exits(self._normed(hidden), kind, threshold, decide)
+        return tokens.tolist(), exit_.tolist()
