@@ -12,6 +12,7 @@ from relaxrec_megatron.hf.export import export_unrolled
 from relaxrec_megatron.inference import block
 from relaxrec_megatron.inference.bench import StepCost, run_benchmark, sampled_exit_traces, simulate
 from relaxrec_megatron.inference.engine import Engine, ExitPolicy, Request, mean_loops_per_token, oracle_exit_trace
+from relaxrec_megatron.inference.head import ScreenedHead
 from relaxrec_megatron.inference.weights import engine_weights, unrolled_weights
 
 NEW = 9
@@ -123,6 +124,23 @@ def test_results_do_not_depend_on_batch_composition(served, policy, lora_form):
         assert alone[0].loops_used == together[i].loops_used
     assert sum(stats.exits_per_loop) == sum(len(r.output) - 1 for r in together)
     assert mean_loops_per_token(together) < w.num_loops  # some tokens did exit early
+
+
+@pytest.mark.parametrize("policy", [ExitPolicy("maxprob", 0.05), ExitPolicy("margin", 0.02)])
+def test_confidence_exits_are_the_same_with_and_without_the_screened_head(served, policy, monkeypatch):
+    """The engine's LM head off the screen (GPU, bf16 or no native bf16 GEMMs) takes the same exits
+    and emits the same tokens as with it (inference/head.py; tests/test_head.py checks the screen)."""
+    model, w, prompts, _, _ = served["llama-relaxed-2"]
+    eos = model.generation_config.eos_token_id
+    screened, plain = requests(prompts, eos), requests(prompts, eos)
+    Engine(w, mode="cdb", max_batch=3, max_len=64, exit_policy=policy).run(screened)
+    monkeypatch.setattr(ScreenedHead, "available", staticmethod(lambda weight: False))
+    engine = Engine(w, mode="cdb", max_batch=3, max_len=64, exit_policy=policy)
+    assert engine.head.screened is None
+    engine.run(plain)
+    assert [r.output for r in plain] == [r.output for r in screened]
+    assert [r.loops_used for r in plain] == [r.loops_used for r in screened]
+    assert 1 < mean_loops_per_token(plain) < w.num_loops  # some tokens exit, some do not
 
 
 def test_exited_tokens_get_their_deeper_kv_filled(served):
