@@ -88,6 +88,12 @@ def confidence(logits: torch.Tensor, kind: str) -> torch.Tensor:
     return top[:, 0] if kind == "maxprob" else top[:, 0] - top[:, 1]
 
 
+def exits_from_logits(logits: torch.Tensor, kind: str, threshold: float, decide: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy tokens and confidence exits (where `decide` is set) from whole fp32 logits."""
+    return logits.argmax(dim=-1), decide & (confidence(logits, kind) >= threshold)
+
+
 class ScreenedHead:
     """Exact greedy tokens and confidence exits from a bf16 screen with bounds (module docstring)."""
 
@@ -144,8 +150,7 @@ class ScreenedHead:
             cut = torch.minimum(cut, score.topk(2, dim=1).values[:, 1] - 2 * bound)
         rescored = self._rescored(x, score, cut)
         if rescored is None:
-            logits = self.full(x)
-            return logits.argmax(dim=1), decide & (confidence(logits, kind) >= threshold)
+            return exits_from_logits(self.full(x), kind, threshold, decide)
         cols, exact = rescored
         top2 = exact.topk(min(2, cols.numel()), dim=1).values
         l1 = top2[:, :1]
@@ -184,8 +189,7 @@ class LMHead:
         """Greedy tokens, and which states (of those with `decide` set) exit: confidence(logits(hidden),
         kind) >= threshold, kind "maxprob" or "margin"."""
         if self.screened is None:
-            logits = self.logits(hidden)
-            tokens, exit_ = logits.argmax(-1), decide & (confidence(logits, kind) >= threshold)
+            tokens, exit_ = exits_from_logits(self.logits(hidden), kind, threshold, decide)
         else:
             tokens, exit_ = self.screened.exits(self._normed(hidden), kind, threshold, decide)
         return tokens.tolist(), exit_.tolist()
