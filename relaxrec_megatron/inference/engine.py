@@ -165,8 +165,8 @@ class Engine:
         if kind in ("maxprob", "margin") and early:
             decide = self._ids([False] * len(final) + [True] * len(early))
             tokens, exits = self.head.exits(self._last_hidden(final + early), kind, self.exit.threshold, decide)
-            exited = [r for r, e in zip(early, exits[len(final):]) if e]
-            tokens = tokens[:len(final)] + [t for t, e in zip(tokens[len(final):], exits[len(final):]) if e]
+            taken = [(r, t) for r, t, e in zip(early, tokens[len(final):], exits[len(final):]) if e]
+            exited, tokens = [r for r, _ in taken], tokens[:len(final)] + [t for _, t in taken]
         else:
             exited = [r for r in early if kind == "oracle" and self._oracle_exit(r)]
             tokens = self._greedy(final + exited)
