@@ -10,8 +10,9 @@ import relaxrec_megatron  # noqa: F401
 from relaxrec_megatron.hf.convert import RecursionSpec, convert_to_relaxed
 from relaxrec_megatron.hf.export import export_unrolled
 from relaxrec_megatron.inference import block
-from relaxrec_megatron.inference.bench import StepCost, run_benchmark, sampled_exit_traces, simulate
+from relaxrec_megatron.inference.bench import run_benchmark, sampled_exit_traces, simulate
 from relaxrec_megatron.inference.engine import Engine, ExitPolicy, Request, mean_loops_per_token, oracle_exit_trace
+from relaxrec_megatron.inference.schedule import StepCost, choose_loops
 from relaxrec_megatron.inference.head import ScreenedHead
 from relaxrec_megatron.inference.weights import engine_weights, unrolled_weights
 
@@ -143,28 +144,36 @@ def test_confidence_exits_are_the_same_with_and_without_the_screened_head(served
     assert 1 < mean_loops_per_token(plain) < w.num_loops  # some tokens exit, some do not
 
 
-def test_exited_tokens_get_their_deeper_kv_filled(served):
+def exit_at_zero_then_full_depth(w) -> list[list[int]]:
+    """Oracle trace: decoded tokens 1..NEW-2 exit after loop 0, the last runs every loop."""
+    return [[w.num_loops - 1] + [0] * (NEW - 2) + [w.num_loops - 1]]
+
+
+@pytest.mark.parametrize("schedule", ["bytes", "all"])
+def test_kv_fills_are_written_when_a_later_token_reads_them(served, schedule):
     model, w, prompts, _, _ = served["llama-relaxed-2"]
-    engine = Engine(w, mode="cdb", max_batch=1, max_len=64, exit_policy=ExitPolicy("maxprob", 0.0))
+    n, skipped = len(prompts[0]), range(len(prompts[0]), len(prompts[0]) + NEW - 2)  # ran loop 0 only
+    never = Engine(w, mode="cdb", max_batch=1, max_len=64, exit_policy=ExitPolicy("maxprob", 0.0), schedule=schedule)
     reqs = requests(prompts[:1], None)
-    stats = engine.run(reqs)
-    assert stats.exits_per_loop == [NEW - 1, 0] and mean_loops_per_token(reqs) == 1.0
-    n = len(prompts[0])
-    read_later = range(n, n + NEW - 2)  # tokens that ran loop 0 only, attended to by a later token
-    for layer in range(w.num_shared):
-        assert all(engine.cache.k[0, 1, layer, p].abs().sum() > 0 for p in read_later)
-        # the token that produced the last output is never read again, so its fill is skipped
-        assert engine.cache.k[0, 1, layer, n + NEW - 2].abs().sum() == 0
+    assert never.run(reqs).exits_per_loop == [NEW - 1, 0] and mean_loops_per_token(reqs) == 1.0
+    # no later token runs loop 1, so nothing reads (or writes) loop 1 past the prompt
+    assert never.cache.k[0, 1, :, n:].abs().sum() == 0 and never.cache.k[0, 1, :, :n].abs().sum() > 0
+    last = Engine(w, mode="cdb", max_batch=1, max_len=64, exit_policy=ExitPolicy("oracle"), schedule=schedule)
+    reqs = requests(prompts[:1], None, traces=exit_at_zero_then_full_depth(w))
+    assert last.run(reqs).exits_per_loop == [NEW - 2, 1]
+    for layer in range(w.num_shared):  # the last token's loop 1 reads every skipped entry
+        assert all(last.cache.k[0, 1, layer, p].abs().sum() > 0 for p in skipped)
 
 
 def test_filled_kv_equals_the_skipped_layers_projections(served, lora_form):
-    """Every token exits after loop 0; its loop-1 K/V must be loop 1's projections (own norm, own LoRA)
-    of its exit hidden state, which is the reference model's hidden state after the first K layers."""
+    """Tokens exit after loop 0 and the last one runs loop 1, so the skipped tokens' loop-1 K/V must be
+    written then: loop 1's projections (own norm, own LoRA) of each token's exit hidden state, which is
+    the reference model's hidden state after the first K layers."""
     from relaxrec_megatron.hf.modeling_relaxrec import apply_rotary
 
     model, w, prompts, _, _ = served["llama-relaxed-2"]  # per-loop norms, rank 4
-    engine = Engine(w, mode="cdb", max_batch=1, max_len=64, exit_policy=ExitPolicy("maxprob", 0.0))
-    reqs = requests(prompts[:1], None)
+    engine = Engine(w, mode="cdb", max_batch=1, max_len=64, exit_policy=ExitPolicy("oracle"))
+    reqs = requests(prompts[:1], None, traces=exit_at_zero_then_full_depth(w))
     engine.run(reqs)
     seq = torch.tensor([prompts[0] + reqs[0].output[:-1]])
     K, hd, cfg = w.num_shared, model.config.head_dim, model.config
@@ -191,18 +200,81 @@ def test_simulation_cost_models():
     trace = [Request([1] * 4, 50, id=i) for i in range(6)]
     no_exit, at_zero = [[1] * 50 for _ in trace], [[0] * 50 for _ in trace]
 
-    def speedup(traces, cost):
+    def speedup(traces, cost, schedule="bytes"):
         seq = simulate(trace, no_exit, 2, 4, False, cost)["tokens_per_cost"]
-        return simulate(trace, traces, 2, 4, True, cost)["tokens_per_cost"] / seq
+        return simulate(trace, traces, 2, 4, True, cost, schedule)["tokens_per_cost"] / seq
 
     layers = StepCost(shared=3)  # the paper's: a step costs the layers it runs
     assert speedup(no_exit, layers) == pytest.approx(1.0, rel=0.05)
     assert speedup(at_zero, layers) == pytest.approx(2.0, rel=0.05)
     # memory-bound: seq reads 2 x block + head per token step; a depth-wise step reads the block and the
-    # head (a row emits every step), and after an exit at loop 0 also loop 1's LoRA for the K/V fill
+    # head (a row emits every step); the K/V fills of loop 1 ride no step, as no later token reads them
     assert speedup(at_zero, StepCost(shared=1, head=1)) == pytest.approx(3 / 2, rel=0.05)
-    assert speedup(at_zero, StepCost(shared=1, lora=1)) == pytest.approx(4 / 3, rel=0.05)
+    assert speedup(at_zero, StepCost(shared=1, lora=1)) == pytest.approx(2.0, rel=0.05)
     assert speedup(no_exit, StepCost(shared=1, lora=1, head=1)) == pytest.approx(1.0, rel=0.05)
+    # one early exit puts a row out of step: every later step reads both loops' LoRA, unless the
+    # schedule lets that row wait one step for the others
+    one_exit = [[1, 0] + [1] * 48] + no_exit[1:]
+    lora = StepCost(shared=1, lora=1)
+    assert speedup(one_exit, lora, "all") < 0.8 < speedup(one_exit, lora, "bytes") <= 1.0
+    assert speedup(one_exit, layers, "all") == speedup(one_exit, layers, "bytes")
+
+
+def test_choose_loops_serves_the_most_rows_per_byte():
+    free_lora, lora = StepCost(shared=1.0), StepCost(shared=1.0, lora=0.2)
+    assert choose_loops({0: 1, 1: 7}, set(), set(), free_lora) == {0, 1}
+    assert choose_loops({0: 1, 1: 7}, set(), set(), lora) == {1}  # 7 / 1.2 > 8 / 1.4
+    assert choose_loops({0: 1, 1: 7}, set(), {0}, lora) == {0, 1}  # a row that waited long enough runs
+    assert choose_loops({0: 4, 1: 4}, set(), set(), lora) == {0, 1}
+    # the head is paid once per step: 3 / 1.1 for loop 0 alone ties 6 / 2.2 for both, and ties run more
+    assert choose_loops({0: 3, 1: 3}, {1}, set(), StepCost(shared=1.0, lora=0.1, head=1.0)) == {0, 1}
+    assert choose_loops({0: 3, 1: 3}, {1}, set(), StepCost(shared=1.0, lora=0.1, head=2.0)) == {0}
+
+
+@pytest.mark.parametrize("policy", [ExitPolicy("maxprob", 0.05), ExitPolicy("oracle")])
+def test_bytes_schedule_keeps_rows_in_step_and_bounds_their_wait(served, policy, monkeypatch):
+    """Oracle: one token of eight requests exits early. Run every loop present and that request stays out
+    of step with the other seven to its end (every step reads both loops' LoRA); the bytes schedule has
+    it wait one step (7 rows / (S + L + H) beats 8 / (S + 2L + H) on this model)."""
+    model, w, prompts, _, _ = served["llama-relaxed-2"]
+    eos = model.generation_config.eos_token_id
+    prompts = prompts + prompts[:3]
+    traces = [[1, 1, 0] + [1] * (NEW - 3)] + [[1] * NEW] * 7
+    choose = Engine._loops_to_run
+    seen = []
+
+    def spy(self, rows):
+        seen.append((max(r.waited for r in rows), len({r.loop for r in rows})))
+        run = choose(self, rows)
+        seen[-1] += (len(run),)
+        return run
+
+    monkeypatch.setattr(Engine, "_loops_to_run", spy)
+    runs = {}
+    for schedule in ("all", "bytes"):
+        seen.clear()
+        reqs = requests(prompts, eos, traces=traces)
+        engine = Engine(w, mode="cdb", max_batch=8, max_len=64, exit_policy=policy, schedule=schedule)
+        engine.run(reqs)
+        runs[schedule] = ([r.output for r in reqs], [r.loops_used for r in reqs], list(seen))
+    assert runs["all"][:2] == runs["bytes"][:2]  # the same tokens, exits and loops
+    assert all(waited == 0 and ran == present for waited, present, ran in runs["all"][2])
+    assert max(waited for waited, _, _ in runs["bytes"][2]) <= engine.max_wait
+    if policy.kind == "oracle":  # (a confidence exit calls the head at every loop: fewer rows wait)
+        mixed = {s: sum(ran > 1 for _, _, ran in runs[s][2]) for s in runs}
+        assert mixed["bytes"] < mixed["all"] - 3 and any(ran < present for _, present, ran in runs["bytes"][2])
+
+
+def test_a_row_left_out_max_wait_steps_runs_next(served):
+    from relaxrec_megatron.inference.engine import Row
+
+    _, w, _, _, _ = served["llama-relaxed-2"]
+    engine = Engine(w, mode="cdb", max_batch=8, max_len=64)
+    ids = torch.tensor([1])
+    rows = [Row(Request([1], 4, id=i), i, ids, ids, loop=1) for i in range(7)] + [Row(Request([1], 4), 7, ids, ids)]
+    assert engine._loops_to_run(rows) == {1}
+    rows[-1].waited = engine.max_wait
+    assert engine._loops_to_run(rows) == {0, 1}
 
 
 def test_sampled_exit_traces_have_the_requested_rate():

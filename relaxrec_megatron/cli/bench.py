@@ -36,8 +36,11 @@ def add_parser(sub) -> None:
     s.add_argument("--simulate", action="store_true",
                    help="add two analytic simulations of the scheduler on the same exit traces: the paper's (a step "
                         "costs the layers it runs; KV fill and LM head free) and the memory-bound one (a step costs "
-                        "the weight bytes it reads: shared layers, each loop's LoRA present, the LM head when a row "
-                        "emits)")
+                        "the weight bytes it reads: shared layers, the LoRA of each loop it runs, the LM head when a "
+                        "row emits)")
+    s.add_argument("--schedule", choices=["bytes", "all"], default="bytes",
+                   help="which loops a CDB step runs: bytes (the most rows per weight byte read; rows of other "
+                        "loops wait, at most B-1 steps) or all (every row, every step)")
     s.add_argument("--repeat", type=int, default=3, help="serve the trace this many times per mode (modes "
                                                         "interleaved) and report the median run")
     s.add_argument("--seed", type=int, default=0)
@@ -96,10 +99,11 @@ def run(args) -> int:
     results = {}
     print(f"trace: {len(trace)} requests, prompts ~N({args.prompt_mean:g}, {args.prompt_std:g}), generations "
           f"~N({args.gen_mean:g}, {args.gen_std:g}), {sum(r.max_new_tokens for r in trace)} tokens, "
-          f"max batch {args.max_batch}, {args.dtype}, {args.device}, {torch.get_num_threads()} threads", flush=True)
+          f"max batch {args.max_batch}, {args.dtype}, {args.device}, {torch.get_num_threads()} threads, CDB schedule "
+          f"{args.schedule}", flush=True)
     for name, model in _models(args):
         rows = run_benchmark(engine_weights(model), trace, args.max_batch, max_len, args.confidence, args.simulate,
-                             exit_prob, args.repeat)
+                             exit_prob, args.repeat, args.schedule)
         print(format_rows(rows, f"\n{name}"), flush=True)
         results[name] = rows
     if args.json:

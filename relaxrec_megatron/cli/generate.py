@@ -21,6 +21,8 @@ def add_parser(sub) -> None:
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--exit", choices=["none", "maxprob", "margin"], default="none", help="early-exit rule")
     p.add_argument("--threshold", type=float, default=0.9, help="confidence needed to exit early")
+    p.add_argument("--schedule", choices=["bytes", "all"], default="bytes",
+                   help="cdb: which loops a step runs (bytes: the most rows per weight byte read; all: every row)")
     p.set_defaults(run=run)
 
 
@@ -53,7 +55,7 @@ def run(args) -> int:
             for i, p in enumerate(prompts)]
     max_len = max(len(r.prompt) for r in reqs) + args.max_new_tokens
     engine = Engine(engine_weights(model), mode=args.mode, max_batch=args.max_batch, max_len=max_len,
-                    exit_policy=ExitPolicy(args.exit, args.threshold))
+                    exit_policy=ExitPolicy(args.exit, args.threshold), schedule=args.schedule)
     stream = len(reqs) == 1
 
     def on_token(req, tok):

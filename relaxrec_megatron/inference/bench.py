@@ -6,7 +6,8 @@ Simulated (--simulate), two cost models over the same replay of the scheduler wi
 trace (oracle, sampled, or the exits a confidence run took): the paper's, where a step costs the
 layers it runs (a batch runs in parallel: sequence-wise CB pays B*K per step, depth-wise K per step;
 KV fill and LM head free), and the memory-bound one, where a step costs the weight bytes it reads
-(StepCost). At batch 8 on a CPU the measured CDB speedups fall between the two, much nearer the second.
+(schedule.StepCost). Each replays the engine's schedule under its own costs (under the paper's, every
+loop present runs). At batch 8 on a CPU the measured CDB speedups fall between the two.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .engine import Engine, ExitPolicy, Request, mean_loops_per_token, oracle_exit_trace
-from .head import ScreenedHead
+from .schedule import StepCost, choose_loops, weight_bytes
 from .weights import EngineWeights, unrolled_weights
 
 
@@ -51,12 +52,13 @@ def latency_percentiles(reqs: list[Request]) -> tuple[float, float]:
 
 
 def serve(weights: EngineWeights, trace: list[Request], mode: str, max_batch: int, max_len: int,
-          exit_policy: ExitPolicy | None = None, traces: list[list[int]] | None = None) -> dict:
+          exit_policy: ExitPolicy | None = None, traces: list[list[int]] | None = None, schedule: str = "bytes") -> dict:
     reqs = copy.deepcopy(trace)
     if traces is not None:
         for r, t in zip(reqs, traces):
             r.exit_trace = t
-    stats = Engine(weights, mode=mode, max_batch=max_batch, max_len=max_len, exit_policy=exit_policy).run(reqs)
+    stats = Engine(weights, mode=mode, max_batch=max_batch, max_len=max_len, exit_policy=exit_policy,
+                   schedule=schedule).run(reqs)
     p50, p99 = latency_percentiles(reqs)
     return {"tokens_per_s": stats.tokens_per_s, "p50": p50, "p99": p99, "mean_loops": mean_loops_per_token(reqs),
             "seconds": stats.seconds, "tokens": stats.tokens, "exits_per_loop": stats.exits_per_loop,
@@ -82,55 +84,41 @@ def sampled_exit_traces(trace: list[Request], loops: int, exit_prob: float, seed
     return out
 
 
-@dataclass
-class StepCost:
-    """What one block pass costs in the simulation. The paper's model: the layers it runs (shared = K).
-    The memory-bound model (weight_bytes): the weight bytes a step reads, which is what a decode step
-    at a small batch costs on a CPU (and on a GPU): the shared layers once, the LoRA of every loop
-    present among the step's tokens (rows and K/V fills), the LM head when a row emits (the bf16 screen
-    where head.ScreenedHead runs, else the head itself)."""
-    shared: float
-    lora: float = 0.0  # one loop's LoRA factors over the K shared layers
-    head: float = 0.0
-
-
-def weight_bytes(w: EngineWeights) -> StepCost:
-    shared = lora = 0
-    for layer in w.layers:
-        for p in layer.projections.values():
-            shared += sum(m.weight.nbytes + (0 if m.bias is None else m.bias.nbytes) for m in p.modules.values())
-            if p.rank:
-                lora += (p.lora_A.nbytes + sum(Bt.nbytes for Bt in p.lora_Bt if Bt is not None)) / p.loops
-    head = w.lm_head.nbytes // 2 if ScreenedHead.available(w.lm_head) else w.lm_head.nbytes
-    return StepCost(shared, lora, head)
-
-
 def simulate(trace: list[Request], traces: list[list[int]], loops: int, max_batch: int, depthwise: bool,
-             cost: StepCost) -> dict:
+             cost: StepCost, schedule: str = "bytes") -> dict:
     """Replays the scheduler with oracle exits (trace[i][t]: the loop at which request i's token t exits;
-    token 0 comes from the prefill and runs every loop) and returns tokens per unit of cost."""
+    token 0 comes from the prefill and runs every loop) and returns tokens per unit of cost. A depth-wise
+    step runs the loops that schedule.choose_loops picks under `cost` (schedule "bytes") or every loop
+    present ("all"), and pays for those loops alone: the K/V fills ride them."""
     waiting = [(r.max_new_tokens, t) for r, t in zip(trace, traces)]
-    rows: list[list] = []  # [generated, loop, max_new, trace, loops to K/V-fill in the next step]
+    rows: list[list] = []  # [generated, loop, max_new, trace, steps waited]
     spent = tokens = 0
     while waiting or rows:
         while waiting and len(rows) < max_batch:
             m, t = waiting.pop(0)
-            rows.append([0, 0, m, t, ()])
+            rows.append([0, 0, m, t, 0])
         if not depthwise:
             spent += loops * (cost.shared + cost.lora) + cost.head
             tokens += len(rows)
-            rows = [[g + 1, 0, m, t, ()] for g, _, m, t, _ in rows if g + 1 < m]
+            rows = [[g + 1, 0, m, t, 0] for g, _, m, t, _ in rows if g + 1 < m]
             continue
-        present = {row[1] for row in rows} | {b for row in rows for b in row[4]}
+        emits = lambda row: row[1] == loops - 1 or (0 < row[0] < len(row[3]) and row[3][row[0]] <= row[1])
+        run = {row[1] for row in rows}
+        if schedule == "bytes" and len(run) > 1:
+            run = choose_loops({b: sum(row[1] == b for row in rows) for b in run}, {row[1] for row in rows if emits(row)},
+                               {row[1] for row in rows if row[4] >= max(loops - 1, 1)}, cost)
         keep, emitted = [], 0
-        for gen, loop, m, t, _ in rows:
-            if loop == loops - 1 or (0 < gen < len(t) and t[gen] <= loop):
+        for row in rows:
+            gen, loop, m, t, waited = row
+            if loop not in run:
+                keep.append([gen, loop, m, t, waited + 1])
+            elif emits(row):
                 emitted += 1
                 if gen + 1 < m:
-                    keep.append([gen + 1, 0, m, t, tuple(range(loop + 1, loops))])
+                    keep.append([gen + 1, 0, m, t, 0])
             else:
-                keep.append([gen, loop + 1, m, t, ()])
-        spent += cost.shared + cost.lora * len(present) + (cost.head if emitted else 0)
+                keep.append([gen, loop + 1, m, t, 0])
+        spent += cost.shared + cost.lora * len(run) + (cost.head if emitted else 0)
         tokens += emitted
         rows = keep
     return {"tokens_per_cost": tokens / spent}
@@ -138,7 +126,7 @@ def simulate(trace: list[Request], traces: list[list[int]], loops: int, max_batc
 
 def run_benchmark(weights: EngineWeights, trace: list[Request], max_batch: int, max_len: int,
                   confidence: float | None = None, simulate_too: bool = False,
-                  exit_prob: float | None = None, repeats: int = 1) -> list[dict]:
+                  exit_prob: float | None = None, repeats: int = 1, schedule: str = "bytes") -> list[dict]:
     """Every mode serves the trace `repeats` times, the modes interleaved so that drift in the
     machine's speed hits them alike; each row is the run with the median tokens/s."""
     B = weights.num_loops
@@ -150,13 +138,13 @@ def run_benchmark(weights: EngineWeights, trace: list[Request], max_batch: int, 
         "vanilla (unrolled) seq-CB": lambda: serve(vanilla, trace, "seq", max_batch, max_len),
         "static batching": lambda: serve(weights, trace, "static", max_batch, max_len),
         "seq-CB": lambda: serve(weights, trace, "seq", max_batch, max_len),
-        "CDB, no exits": lambda: serve(weights, trace, "cdb", max_batch, max_len),
+        "CDB, no exits": lambda: serve(weights, trace, "cdb", max_batch, max_len, schedule=schedule),
     }
     for mode, t in traces.items():
-        runs[mode] = lambda t=t: serve(weights, trace, "cdb", max_batch, max_len, ExitPolicy("oracle"), t)
+        runs[mode] = lambda t=t: serve(weights, trace, "cdb", max_batch, max_len, ExitPolicy("oracle"), t, schedule)
     if confidence is not None:
         runs[f"CDB + maxprob>={confidence:g}"] = lambda: serve(weights, trace, "cdb", max_batch, max_len,
-                                                                ExitPolicy("maxprob", confidence))
+                                                                ExitPolicy("maxprob", confidence), schedule=schedule)
     results: dict[str, list[dict]] = {mode: [] for mode in runs}
     for _ in range(repeats):
         for mode, run in runs.items():
@@ -179,7 +167,8 @@ def run_benchmark(weights: EngineWeights, trace: list[Request], max_batch: int, 
             seq = simulate(trace, traces["CDB, no exits"], B, max_batch, False, cost)["tokens_per_cost"]
             for r in rows:
                 if r["mode"] in traces:
-                    r[column] = simulate(trace, traces[r["mode"]], B, max_batch, True, cost)["tokens_per_cost"] / seq
+                    r[column] = simulate(trace, traces[r["mode"]], B, max_batch, True, cost,
+                                         schedule)["tokens_per_cost"] / seq
     for r in rows:
         del r["exit_trace"]
     return rows

@@ -9,12 +9,14 @@ and biases are gathered by loop. Attention reads the token's KV cache row (slot,
 2 never sees loop 1's keys.
 
 KV fill of early exits: a token that exits at loop e is never run at loops e+1..B-1, yet later tokens
-attend to it there. The engine appends one "K/V-only" token per skipped loop to the next step's batch
-(after the `rows` tokens that run the whole layer): its input is the exit hidden state, and each
-layer writes the K/V projections of its input norm with that loop's LoRA. Cost per exited token:
-(B - 1 - e) extra tokens through each layer's k and v GEMMs, LoRA included (2 h 2 kv FLOPs a token,
-6% of a layer's FLOPs in SmolLM2; no query), and no extra pass over the weights: they ride the next
-step's GEMMs. Fills are skipped when the request is done, since no later token will read them.
+of its request attend to it there. The engine keeps the exit hidden state and, in the first step that
+runs loop b for any row, appends one "K/V-only" token per pending (token, loop b) after the `rows`
+tokens that run the whole layer: each layer writes the K/V projections of its input norm of the exit
+hidden state, with loop b's LoRA. The request's next token at loop b reads them in the same layer
+call, after the write. Cost per exited token: at most (B - 1 - e) extra tokens through each layer's
+k and v GEMMs, LoRA included (2 h 2 kv FLOPs a token, 6% of a layer's FLOPs in SmolLM2; no query),
+and no extra pass over the weights: a fill rides a step that reads loop b's factors anyway. Fills at a
+loop the request never runs again are never computed.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """Serving engine: a request queue and continuous batching, depth-wise or sequence-wise, with early exit.
 
 Modes (one engine, one measurement):
-- "cdb": continuous depth-wise batching. One step runs the shared block once over every row; rows
-  may be at different loops (each request at its own depth) and each gets its own loop's LoRA.
-  A row that finishes its last loop, or exits early, emits a token and starts its next token at
-  loop 0 in the next step; a finished request's slot is refilled at once.
+- "cdb": continuous depth-wise batching. One step runs the shared block once over the rows of the
+  loops it chooses (schedule.choose_loops; schedule="all" runs every row); rows may be at different
+  loops (each request at its own depth) and each gets its own loop's LoRA. A row that finishes its
+  last loop, or exits early, emits a token and starts its next token at loop 0 in the next step; a
+  finished request's slot is refilled at once.
 - "seq": sequence-wise continuous batching. One step runs all loops over every row (one token per
   row per step); requests join as slots free. Exits cannot shorten a step, so none are taken.
 - "static": like "seq", but a new batch is admitted only when the whole previous batch is done.
@@ -23,6 +24,7 @@ from transformers.activations import ACT2FN
 from .block import TokenBatch, layer_forward
 from .head import LMHead
 from .kv_cache import KVCache
+from .schedule import SCHEDULES, choose_loops, weight_bytes
 from .weights import EngineWeights
 
 MODES = ("cdb", "seq", "static")
@@ -61,11 +63,12 @@ class ExitPolicy:
 
 @dataclass
 class KVFill:
-    """The previous token exited at loop first - 1: its K/V at loops first..B-1 are still to be written
-    (block's module docstring), from its exit hidden state."""
+    """A token that exited early: its K/V at `loops` (those it skipped) are still to be written from its
+    exit hidden state, each in the first step that runs that loop (block's module docstring); the
+    request's later tokens read them only at those loops, and not at all once it is done."""
     hidden: torch.Tensor  # (h,)
     pos: int
-    first: int
+    loops: list[int]
 
 
 @dataclass
@@ -77,7 +80,8 @@ class Row:
     loop: int = 0
     hidden: torch.Tensor | None = None  # (n, h), carried between loops
     prefill: bool = False
-    fill: KVFill | None = None  # done by the row's next block call
+    fills: list[KVFill] = field(default_factory=list)  # the request's pending K/V fills
+    waited: int = 0  # steps in a row this row was left out (schedule.choose_loops)
 
 
 @dataclass
@@ -94,10 +98,14 @@ class Stats:
 
 class Engine:
     def __init__(self, weights: EngineWeights, mode: str = "cdb", max_batch: int = 8, max_len: int = 512,
-                 exit_policy: ExitPolicy | None = None, record_loop_predictions: bool = False):
+                 exit_policy: ExitPolicy | None = None, record_loop_predictions: bool = False,
+                 schedule: str = "bytes"):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         self.w, self.mode, self.max_batch, self.max_len = weights, mode, max_batch, max_len
+        self.schedule = schedule
         self.exit = exit_policy or ExitPolicy()
         self.record = record_loop_predictions
         cfg = weights.config
@@ -111,6 +119,8 @@ class Engine:
         self.multiplier = float(cfg.embedding_multiplier)
         self.head = LMHead(weights, max_batch)
         self.device = weights.embed.device
+        self.cost = weight_bytes(weights)
+        self.max_wait = max(self.B - 1, 1)  # a left-out row runs again within this many steps
 
     # -- public ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -147,7 +157,7 @@ class Engine:
         for b in range(self.B):
             for r in rows:
                 r.loop = b
-            self._block(rows)
+            self._block(rows, rows)
             if self.record and b < self.B - 1:
                 self._record_predictions(rows, self._greedy(rows))
         tokens = self._greedy(rows)
@@ -156,11 +166,16 @@ class Engine:
         return self._emit(rows, tokens, stats, t0, on_token)
 
     def _depthwise_step(self, rows: list[Row], stats: Stats, t0: float, on_token) -> list[Row]:
-        """One block call; rows at their last loop or exiting emit a token, the rest go one loop deeper.
-        One LM-head call per step serves both the exit decisions and the emitted tokens."""
-        self._block(rows)
-        final = [r for r in rows if r.loop == self.B - 1]
-        early = [r for r in rows if r.loop < self.B - 1 and not r.prefill]
+        """One block call over the rows of the chosen loops; those at their last loop or exiting emit a
+        token, the others go one loop deeper. One LM-head call per step serves both the exit decisions
+        and the emitted tokens."""
+        run = self._loops_to_run(rows)
+        active = [r for r in rows if r.loop in run]
+        for r in rows:
+            r.waited = 0 if r.loop in run else r.waited + 1
+        self._block(active, rows)
+        final = [r for r in active if r.loop == self.B - 1]
+        early = [r for r in active if r.loop < self.B - 1 and not r.prefill]
         kind = self.exit.kind
         if kind in ("maxprob", "margin") and early:
             decide = self._ids([False] * len(final) + [True] * len(early))
@@ -173,16 +188,28 @@ class Engine:
         done = {id(r) for r in final + exited}
         carry = [r for r in rows if id(r) not in done]
         for r in carry:
-            r.loop += 1
+            if r.waited == 0:  # it ran this step
+                r.loop += 1
         return carry + self._emit(final + exited, tokens, stats, t0, on_token)
+
+    def _loops_to_run(self, rows: list[Row]) -> set[int]:
+        present = {r.loop for r in rows}
+        if self.schedule == "all" or len(present) == 1:
+            return present
+        rows_at = {b: sum(r.loop == b for r in rows) for b in present}
+        confidence = self.exit.kind in ("maxprob", "margin")
+        head_at = {r.loop for r in rows if r.loop == self.B - 1 or (not r.prefill and (
+            confidence or (self.exit.kind == "oracle" and self._oracle_exit(r))))}
+        must = {r.loop for r in rows if r.waited >= self.max_wait}
+        return choose_loops(rows_at, head_at, must, self.cost)
 
     def _oracle_exit(self, r: Row) -> bool:
         trace, i = r.req.exit_trace, len(r.req.output)
         return trace is not None and i < len(trace) and trace[i] <= r.loop
 
-    def _block(self, rows: list[Row]) -> None:
-        """The shared block once over all rows, each at its own loop, plus the K/V-only tokens of the
-        rows' pending fills."""
+    def _block(self, rows: list[Row], everyone: list[Row]) -> None:
+        """The shared block once over `rows`, each at its own loop, plus the K/V-only tokens of the
+        fills pending (among `everyone`'s) at the loops those rows are at."""
         w = self.w
         for r in rows:
             if r.hidden is None:
@@ -190,20 +217,30 @@ class Engine:
                 r.hidden = h * torch.tensor(self.multiplier, dtype=h.dtype) if self.multiplier != 1.0 else h
         rows = sorted(rows, key=lambda r: r.loop)  # each loop's tokens contiguous (block.project)
         sizes = [r.tokens.numel() for r in rows]
-        fills = sorted(((r, b) for r in rows if r.fill is not None for b in range(r.fill.first, self.B)),
-                       key=lambda f: f[1])
+        fills = self._take_fills(everyone, {r.loop for r in rows})
         hidden = torch.cat([r.hidden for r in rows])
         tb = self._token_batch(rows, fills)
-        kv_only = torch.stack([r.fill.hidden for r, _ in fills]) if fills else None
+        kv_only = torch.stack([f.hidden for _, f, _ in fills]) if fills else None
         for k in range(self.K):
             hidden = layer_forward(hidden, w, k, tb, self.cache, self.act, kv_only)
         for r, h in zip(rows, hidden.split(sizes)):
-            r.hidden, r.fill = h, None
+            r.hidden = h
 
-    def _token_batch(self, rows: list[Row], fills: list[tuple[Row, int]]) -> TokenBatch:
-        slot = [r.slot for r in rows for _ in range(r.tokens.numel())] + [r.slot for r, _ in fills]
-        loop = [r.loop for r in rows for _ in range(r.tokens.numel())] + [b for _, b in fills]
-        pos = torch.cat([r.pos for r in rows] + ([self._ids([r.fill.pos for r, _ in fills])] if fills else []))
+    @staticmethod
+    def _take_fills(rows: list[Row], loops: set[int]) -> list[tuple[int, KVFill, int]]:
+        """(slot, fill, loop) of each pending fill at `loops`, sorted by loop; they leave the pending lists."""
+        taken = []
+        for r in rows:
+            for f in r.fills:
+                taken += [(r.slot, f, b) for b in f.loops if b in loops]
+                f.loops = [b for b in f.loops if b not in loops]
+            r.fills = [f for f in r.fills if f.loops]
+        return sorted(taken, key=lambda t: t[2])
+
+    def _token_batch(self, rows: list[Row], fills: list[tuple[int, KVFill, int]]) -> TokenBatch:
+        slot = [r.slot for r in rows for _ in range(r.tokens.numel())] + [s for s, _, _ in fills]
+        loop = [r.loop for r in rows for _ in range(r.tokens.numel())] + [b for _, _, b in fills]
+        pos = torch.cat([r.pos for r in rows] + ([self._ids([f.pos for _, f, _ in fills])] if fills else []))
         return TokenBatch.build(self._ids(slot), self._ids(loop), pos, self.w.inv_freq, self.B,
                                 rows=len(slot) - len(fills))
 
@@ -226,7 +263,7 @@ class Engine:
 
     def _emit(self, finished: list[Row], tokens: list[int], stats: Stats, t0: float, on_token) -> list[Row]:
         """Finished rows emit their next token (`tokens`, their greedy tokens in order); unfinished
-        requests continue at loop 0, with the K/V fill of the loops an early exit skipped."""
+        requests continue at loop 0, owing the K/V fills of the loops an early exit skipped."""
         if not finished:
             return []
         carry = []
@@ -247,8 +284,9 @@ class Engine:
                 self.cache.release(r.slot)
             else:
                 p = int(r.pos[-1])
-                fill = KVFill(r.hidden[-1], p, r.loop + 1) if r.loop < self.B - 1 else None
-                carry.append(Row(req, r.slot, self._ids([tok]), self._ids([p + 1]), fill=fill))
+                skipped = list(range(r.loop + 1, self.B))
+                fills = r.fills + ([KVFill(r.hidden[-1], p, skipped)] if skipped else [])
+                carry.append(Row(req, r.slot, self._ids([tok]), self._ids([p + 1]), fills=fills))
         return carry
 
 

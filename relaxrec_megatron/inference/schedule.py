@@ -1,0 +1,62 @@
+"""What a depth-wise step costs, and which loops a step runs.
+
+A decode step at serving batch sizes is memory-bound: it costs the weight bytes it reads, nearly
+whatever the number of rows (on a CPU and on a GPU alike). A depth-wise step reads the shared layers
+once, the LoRA factors of every loop it runs, and the LM head when a row there may emit. Rows at
+different loops therefore share a step only at the price of another loop's LoRA, which at rank 64 on
+SmolLM2 is 18% of the shared layer; a step that runs all B loops reads (S + B L) where one loop
+reads (S + L). So the engine picks, each step, the loops whose rows it serves (choose_loops): the set
+with the most rows per byte read. Rows at the other loops wait, at most `max_wait` steps in a row.
+With rare exits this keeps rows in step (an exited row waits for the others to come round) and a
+step reads one loop's LoRA; with frequent exits nearly every step runs every loop. The tokens are
+those of any other order: a row's computation does not depend on which step runs it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import combinations
+
+SCHEDULES = ("bytes", "all")
+
+
+@dataclass
+class StepCost:
+    """What one block pass costs. The paper's model: the layers it runs (shared = K, the rest 0). The
+    memory-bound model (weight_bytes): the shared layers once, `lora` for each loop it runs (one loop's
+    LoRA factors over the K shared layers), `head` when a row emits (the bf16 screen where
+    head.ScreenedHead runs, else the head itself)."""
+    shared: float
+    lora: float = 0.0
+    head: float = 0.0
+
+
+def weight_bytes(w) -> StepCost:
+    """The memory-bound StepCost of EngineWeights w."""
+    from .head import ScreenedHead
+
+    shared = lora = 0
+    for layer in w.layers:
+        for p in layer.projections.values():
+            shared += sum(m.weight.nbytes + (0 if m.bias is None else m.bias.nbytes) for m in p.modules.values())
+            if p.rank:
+                lora += (p.lora_A.nbytes + sum(Bt.nbytes for Bt in p.lora_Bt if Bt is not None)) / p.loops
+    head = w.lm_head.nbytes // 2 if ScreenedHead.available(w.lm_head) else w.lm_head.nbytes
+    return StepCost(shared, lora, head)
+
+
+def choose_loops(rows_at: dict[int, int], head_at: set[int], must: set[int], cost: StepCost) -> set[int]:
+    """The loops to run: of the sets of loops present (keys of rows_at: loop -> rows there) that hold
+    `must`, the one serving the most rows per unit of cost; a step pays `head` if it runs a loop of
+    head_at (whose rows emit or decide an exit). Ties go to the larger set (less waiting)."""
+    present = sorted(rows_at)
+    best, best_value = set(present), -1.0
+    for size in range(len(present), 0, -1):
+        for loops in map(set, combinations(present, size)):
+            if not must <= loops:
+                continue
+            spent = cost.shared + cost.lora * len(loops) + (cost.head if loops & head_at else 0.0)
+            value = sum(rows_at[b] for b in loops) / spent
+            if value > best_value * (1 + 1e-9):
+                best, best_value = loops, value
+    return best
