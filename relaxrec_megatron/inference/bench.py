@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .engine import Engine, ExitPolicy, Request, mean_loops_per_token, oracle_exit_trace
-from .schedule import StepCost, choose_loops, weight_bytes
+from .schedule import StepCost, choose_loops, max_wait, weight_bytes
 from .weights import EngineWeights, unrolled_weights
 
 
@@ -52,7 +52,8 @@ def latency_percentiles(reqs: list[Request]) -> tuple[float, float]:
 
 
 def serve(weights: EngineWeights, trace: list[Request], mode: str, max_batch: int, max_len: int,
-          exit_policy: ExitPolicy | None = None, traces: list[list[int]] | None = None, schedule: str = "bytes") -> dict:
+          exit_policy: ExitPolicy | None = None, traces: list[list[int]] | None = None,
+          schedule: str = "bytes") -> dict:
     reqs = copy.deepcopy(trace)
     if traces is not None:
         for r, t in zip(reqs, traces):
@@ -93,6 +94,7 @@ def simulate(trace: list[Request], traces: list[list[int]], loops: int, max_batc
     waiting = [(r.max_new_tokens, t) for r, t in zip(trace, traces)]
     rows: list[list] = []  # [generated, loop, max_new, trace, steps waited]
     spent = tokens = 0
+    emits = lambda row: row[1] == loops - 1 or (0 < row[0] < len(row[3]) and row[3][row[0]] <= row[1])
     while waiting or rows:
         while waiting and len(rows) < max_batch:
             m, t = waiting.pop(0)
@@ -102,11 +104,12 @@ def simulate(trace: list[Request], traces: list[list[int]], loops: int, max_batc
             tokens += len(rows)
             rows = [[g + 1, 0, m, t, 0] for g, _, m, t, _ in rows if g + 1 < m]
             continue
-        emits = lambda row: row[1] == loops - 1 or (0 < row[0] < len(row[3]) and row[3][row[0]] <= row[1])
         run = {row[1] for row in rows}
         if schedule == "bytes" and len(run) > 1:
-            run = choose_loops({b: sum(row[1] == b for row in rows) for b in run}, {row[1] for row in rows if emits(row)},
-                               {row[1] for row in rows if row[4] >= max(loops - 1, 1)}, cost)
+            rows_at = {b: sum(row[1] == b for row in rows) for b in run}
+            head_at = {row[1] for row in rows if emits(row)}
+            must = {row[1] for row in rows if row[4] >= max_wait(loops)}
+            run = choose_loops(rows_at, head_at, must, cost)
         keep, emitted = [], 0
         for row in rows:
             gen, loop, m, t, waited = row

@@ -24,7 +24,7 @@ from transformers.activations import ACT2FN
 from .block import TokenBatch, layer_forward
 from .head import LMHead
 from .kv_cache import KVCache
-from .schedule import SCHEDULES, choose_loops, weight_bytes
+from .schedule import SCHEDULES, choose_loops, max_wait, weight_bytes
 from .weights import EngineWeights
 
 MODES = ("cdb", "seq", "static")
@@ -120,7 +120,7 @@ class Engine:
         self.head = LMHead(weights, max_batch)
         self.device = weights.embed.device
         self.cost = weight_bytes(weights)
-        self.max_wait = max(self.B - 1, 1)  # a left-out row runs again within this many steps
+        self.max_wait = max_wait(self.B)
 
     # -- public ------------------------------------------------------------------------------
     @torch.no_grad()

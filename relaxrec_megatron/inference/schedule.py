@@ -20,6 +20,11 @@ from itertools import combinations
 SCHEDULES = ("bytes", "all")
 
 
+def max_wait(loops: int) -> int:
+    """Steps in a row a row may be left out: B - 1, so it runs at least once per B steps."""
+    return max(loops - 1, 1)
+
+
 @dataclass
 class StepCost:
     """What one block pass costs. The paper's model: the layers it runs (shared = K, the rest 0). The
