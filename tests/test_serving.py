@@ -306,6 +306,12 @@ def test_benchmark_rows_cover_every_mode(served):
     assert 1.0 < maxprob["simulated"] and maxprob["bytes sim"] < maxprob["simulated"]
 
 
+def test_benchmark_of_prefill_tokens_only_has_no_ideal(served):
+    _, w, prompts, _, _ = served["llama-relaxed-2"]
+    rows = run_benchmark(w, [Request(p, 1, id=i) for i, p in enumerate(prompts)], max_batch=2, max_len=64)
+    assert all(r["tokens"] == len(prompts) and r["ideal"] is None for r in rows)
+
+
 def test_sequence_order_is_served_unrolled(tiny_dirs, tmp_path):
     convert_to_relaxed(str(tiny_dirs["llama"]), tmp_path / "seq", RecursionSpec(rank=2, strategy="sequence"),
                        progress=False)
@@ -392,6 +398,10 @@ def test_generate_cli_errors(chat_model, capsys, argv, message):
     (["--repeat", "0"], "must be >= 1"),
     (["--exit-prob", "1.5"], "a probability is at most 1"),
     (["--device", "nosuchdevice"], "--device nosuchdevice"),
+    (["--gen-mean", "-5"], "--gen-mean must be >= 1"),
+    (["--prompt-std", "-1"], "--prompt-std and --gen-std >= 0"),
+    (["--loops", "0"], "--loops must be >= 1"),
+    (["--model", "/nonexistent/model"], "not a checkpoint folder"),
 ] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "--device cuda")]))
 def test_bench_serve_cli_errors(capsys, argv, message):
     from relaxrec_megatron.cli.main import main

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from .options import require_served_checkpoint
 
 
 def add_parser(sub) -> None:
@@ -85,6 +86,12 @@ def run(args) -> int:
 
     if args.requests < 1 or args.max_batch < 1 or args.repeat < 1:
         raise UserError("--requests, --max-batch and --repeat must be >= 1")
+    if args.prompt_mean < 1 or args.gen_mean < 1 or args.prompt_std < 0 or args.gen_std < 0:
+        raise UserError("--prompt-mean and --gen-mean must be >= 1 (tokens), --prompt-std and --gen-std >= 0")
+    if args.model:
+        require_served_checkpoint(args.model)
+    elif min(args.loops) < 1 or args.rank < 0:
+        raise UserError("--loops must be >= 1 and --rank >= 0")
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         torch.empty(0, device=args.device)

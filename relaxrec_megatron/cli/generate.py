@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 from ..errors import UserError
+from .options import require_served_checkpoint
 
 
 def add_parser(sub) -> None:
@@ -42,13 +42,7 @@ def run(args) -> int:
         prompts += [line.rstrip("\n") for line in path.read_text().splitlines() if line.strip()]
     if not prompts:
         raise UserError("no prompts: pass them as arguments or with --file")
-    config = Path(args.model) / "config.json"
-    if not config.is_file():
-        raise UserError(f"{args.model}: not a checkpoint folder (no config.json)")
-    model_type = json.loads(config.read_text()).get("model_type")
-    if model_type != "relaxed_recursive":
-        raise UserError(f"{args.model}: model_type {model_type!r}; the engine serves relaxed recursive "
-                        "checkpoints (make one with `relaxrec convert`)")
+    require_served_checkpoint(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     reqs = [Request(tokenizer(p).input_ids, args.max_new_tokens, eos_token_id=tokenizer.eos_token_id, id=i)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 from ..errors import UserError
 from ..hf.arch import LINEARS
@@ -59,3 +61,14 @@ def recursion_spec(args: argparse.Namespace, rank: int) -> RecursionSpec:
         lora_init=args.lora_init, targets=args.targets, share_norms=not args.per_layer_norms,
         share_biases=not args.per_layer_biases,
     )
+
+
+def require_served_checkpoint(folder: str) -> None:
+    """The serving engine's input: a relaxed recursive HF checkpoint folder."""
+    config = Path(folder) / "config.json"
+    if not config.is_file():
+        raise UserError(f"{folder}: not a checkpoint folder (no config.json)")
+    model_type = json.loads(config.read_text()).get("model_type")
+    if model_type != "relaxed_recursive":
+        raise UserError(f"{folder}: model_type {model_type!r}; the engine serves relaxed recursive "
+                        "checkpoints (make one with `relaxrec convert`)")

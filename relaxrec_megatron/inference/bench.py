@@ -159,7 +159,8 @@ def run_benchmark(weights: EngineWeights, trace: list[Request], max_batch: int, 
     base = rows[2]["tokens_per_s"]
     for r in rows:
         r["speedup"] = r["tokens_per_s"] / base
-        r["ideal"] = B / r["mean_loops"] if r["mode"].startswith("CDB") else None
+        decoded = r["mean_loops"] > 0  # not when every request stops at the prefill's token
+        r["ideal"] = B / r["mean_loops"] if r["mode"].startswith("CDB") and decoded else None
     if simulate_too:
         traces["CDB, no exits"] = [[B - 1] * r.max_new_tokens for r in trace]
         for r in rows:  # confidence exits: replay the exits the measured run took
