@@ -383,6 +383,9 @@ def test_generate_cli_prompts_from_a_file(chat_model, tmp_path, capsys):
     (["generate", "{folder}"], "no prompts"),
     (["generate", "{folder}", "--file", "/nonexistent/p.txt"], "no such file"),
     (["generate", "{src}", "hi"], "the engine serves relaxed recursive checkpoints"),
+    (["generate", "{folder}", "hi", "--max-new-tokens", "0"], "must be >= 1"),
+    (["generate", "{folder}", "hi", "--max-batch", "0"], "must be >= 1"),
+    (["generate", "{folder}", "hi", "--exit", "maxprob", "--threshold", "1.5"], "lies in [0, 1]"),
 ])
 def test_generate_cli_errors(chat_model, capsys, argv, message):
     from relaxrec_megatron.cli.main import main
@@ -398,6 +401,7 @@ def test_generate_cli_errors(chat_model, capsys, argv, message):
     (["--repeat", "0"], "must be >= 1"),
     (["--exit-prob", "1.5"], "a probability is at most 1"),
     (["--device", "nosuchdevice"], "--device nosuchdevice"),
+    (["--confidence", "2"], "lies in [0, 1]"),
     (["--gen-mean", "-5"], "--gen-mean must be >= 1"),
     (["--prompt-std", "-1"], "--prompt-std and --gen-std >= 0"),
     (["--loops", "0"], "--loops must be >= 1"),

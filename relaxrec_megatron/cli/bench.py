@@ -97,6 +97,8 @@ def run(args) -> int:
         torch.empty(0, device=args.device)
     except (RuntimeError, AssertionError) as e:
         raise UserError(f"--device {args.device}: {str(e).splitlines()[0]}; pass cpu or a CUDA device this machine has")
+    if args.confidence is not None and not 0.0 <= args.confidence <= 1.0:
+        raise UserError(f"--confidence {args.confidence}: a max-prob threshold lies in [0, 1]")
     if args.exit_prob > 1:
         raise UserError(f"--exit-prob {args.exit_prob}: a probability is at most 1")
     exit_prob = args.exit_prob if args.exit_prob >= 0 else None

@@ -42,6 +42,10 @@ def run(args) -> int:
         prompts += [line.rstrip("\n") for line in path.read_text().splitlines() if line.strip()]
     if not prompts:
         raise UserError("no prompts: pass them as arguments or with --file")
+    if args.max_new_tokens < 1 or args.max_batch < 1:
+        raise UserError("--max-new-tokens and --max-batch must be >= 1")
+    if not 0.0 <= args.threshold <= 1.0:
+        raise UserError(f"--threshold {args.threshold}: a confidence (max-prob or top-2 margin) lies in [0, 1]")
     require_served_checkpoint(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model)

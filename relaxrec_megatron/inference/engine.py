@@ -59,6 +59,8 @@ class ExitPolicy:
     def __post_init__(self):
         if self.kind not in ("none", "maxprob", "margin", "oracle"):
             raise ValueError(f"exit policy must be none, maxprob, margin or oracle, got {self.kind!r}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"exit threshold {self.threshold}: a confidence lies in [0, 1]")
 
 
 @dataclass
@@ -102,6 +104,8 @@ class Engine:
                  schedule: str = "bytes"):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         self.w, self.mode, self.max_batch, self.max_len = weights, mode, max_batch, max_len
