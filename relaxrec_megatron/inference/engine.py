@@ -197,6 +197,8 @@ class Engine:
         return carry + self._emit(final + exited, tokens, stats, t0, on_token)
 
     def _loops_to_run(self, rows: list[Row]) -> set[int]:
+        """Every loop present ("all"), or the loops schedule.choose_loops picks ("bytes"): a loop calls
+        the LM head if a row there emits or, with a confidence exit, decides whether to exit."""
         present = {r.loop for r in rows}
         if self.schedule == "all" or len(present) == 1:
             return present
