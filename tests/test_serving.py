@@ -231,6 +231,27 @@ def test_choose_loops_serves_the_most_rows_per_byte():
     assert choose_loops({0: 3, 1: 3}, {1}, set(), StepCost(shared=1.0, lora=0.1, head=2.0)) == {0}
 
 
+def test_choose_loops_equals_trying_every_set():
+    from itertools import combinations
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        n = int(torch.randint(1, 7, (1,), generator=g))
+        rows_at = {b: int(torch.randint(1, 9, (1,), generator=g)) for b in range(n)}
+        draw = lambda p: {b for b in rows_at if float(torch.rand(1, generator=g)) < p}
+        head_at, must = draw(0.4), draw(0.2)
+        cost = StepCost(1.0, float(torch.rand(1, generator=g)) * 0.5, float(torch.rand(1, generator=g)))
+        value = lambda q: sum(rows_at[b] for b in q) / (cost.shared + cost.lora * len(q) + cost.head * bool(q & head_at))
+        sets = [set(q) for k in range(1, n + 1) for q in combinations(rows_at, k) if must <= set(q)]
+        top = max(value(q) for q in sets)
+        chosen = choose_loops(rows_at, head_at, must, cost)
+        assert must <= chosen and value(chosen) == pytest.approx(top, rel=1e-9)
+        assert len(chosen) == max(len(q) for q in sets if value(q) >= top * (1 - 1e-9))
+    many = {b: 1 + b % 3 for b in range(30)}  # 30 loops present: no 2^30 sets tried
+    chosen = choose_loops(many, {29}, set(), StepCost(1.0, 0.05, 0.5))
+    assert chosen and min(many[b] for b in chosen) >= max(many[b] for b in set(many) - chosen - {29})
+
+
 @pytest.mark.parametrize("policy", [ExitPolicy("maxprob", 0.05), ExitPolicy("oracle")])
 def test_bytes_schedule_keeps_rows_in_step_and_bounds_their_wait(served, policy, monkeypatch):
     """Oracle: one token of eight requests exits early. Run every loop present and that request stays out

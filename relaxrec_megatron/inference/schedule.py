@@ -15,7 +15,6 @@ those of any other order: a row's computation does not depend on which step runs
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import combinations
 
 SCHEDULES = ("bytes", "all")
 
@@ -53,15 +52,24 @@ def weight_bytes(w) -> StepCost:
 def choose_loops(rows_at: dict[int, int], head_at: set[int], must: set[int], cost: StepCost) -> set[int]:
     """The loops to run: of the sets of loops present (keys of rows_at: loop -> rows there) that hold
     `must`, the one serving the most rows per unit of cost; a step pays `head` if it runs a loop of
-    head_at (whose rows emit or decide an exit). Ties go to the larger set (less waiting)."""
-    present = sorted(rows_at)
-    best, best_value = set(present), -1.0
-    for size in range(len(present), 0, -1):
-        for loops in map(set, combinations(present, size)):
-            if not must <= loops:
+    head_at (whose rows emit or decide an exit). Ties go to the larger set (less waiting).
+
+    Exact without trying every set: among sets of one size that all pay the head, or all do not, the
+    best holds `must` and the other loops with the most rows; so sizes times {head, no head} suffice."""
+    best, best_value = set(rows_at), -1.0
+    for with_head in (False, True):
+        allowed = [b for b in rows_at if with_head or b not in head_at]
+        if not must <= set(allowed):
+            continue
+        others = sorted((b for b in allowed if b not in must), key=lambda b: -rows_at[b])
+        for size in range(len(others), -1, -1):
+            loops = must | set(others[:size])
+            if not loops:
                 continue
             spent = cost.shared + cost.lora * len(loops) + (cost.head if loops & head_at else 0.0)
             value = sum(rows_at[b] for b in loops) / spent
-            if value > best_value * (1 + 1e-9):
+            better = value > best_value * (1 + 1e-9)
+            tie_but_larger = value >= best_value * (1 - 1e-9) and len(loops) > len(best)
+            if better or tie_but_larger:
                 best, best_value = loops, value
     return best
