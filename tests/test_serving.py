@@ -12,7 +12,7 @@ from relaxrec_megatron.hf.export import export_unrolled
 from relaxrec_megatron.inference import block
 from relaxrec_megatron.inference.bench import run_benchmark, sampled_exit_traces, simulate
 from relaxrec_megatron.inference.engine import Engine, ExitPolicy, Request, mean_loops_per_token, oracle_exit_trace
-from relaxrec_megatron.inference.schedule import StepCost, choose_loops
+from relaxrec_megatron.inference.schedule import StepCost, choose_loops, max_wait
 from relaxrec_megatron.inference.head import ScreenedHead
 from relaxrec_megatron.inference.weights import engine_weights, unrolled_weights
 
@@ -280,7 +280,7 @@ def test_bytes_schedule_keeps_rows_in_step_and_bounds_their_wait(served, policy,
         runs[schedule] = ([r.output for r in reqs], [r.loops_used for r in reqs], list(seen))
     assert runs["all"][:2] == runs["bytes"][:2]  # the same tokens, exits and loops
     assert all(waited == 0 and ran == present for waited, present, ran in runs["all"][2])
-    assert max(waited for waited, _, _ in runs["bytes"][2]) <= engine.max_wait
+    assert max(waited for waited, _, _ in runs["bytes"][2]) <= max_wait(w.num_loops)
     if policy.kind == "oracle":  # (a confidence exit calls the head at every loop: fewer rows wait)
         mixed = {s: sum(ran > 1 for _, _, ran in runs[s][2]) for s in runs}
         assert mixed["bytes"] < mixed["all"] - 3 and any(ran < present for _, present, ran in runs["bytes"][2])
@@ -294,7 +294,7 @@ def test_a_row_left_out_max_wait_steps_runs_next(served):
     ids = torch.tensor([1])
     rows = [Row(Request([1], 4, id=i), i, ids, ids, loop=1) for i in range(7)] + [Row(Request([1], 4), 7, ids, ids)]
     assert engine._loops_to_run(rows) == {1}
-    rows[-1].waited = engine.max_wait
+    rows[-1].waited = max_wait(w.num_loops)
     assert engine._loops_to_run(rows) == {0, 1}
 
 

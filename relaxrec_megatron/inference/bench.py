@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .engine import Engine, ExitPolicy, Request, mean_loops_per_token, oracle_exit_trace
-from .schedule import StepCost, choose_loops, max_wait, weight_bytes
+from .schedule import StepCost, step_loops, weight_bytes
 from .weights import EngineWeights, unrolled_weights
 
 
@@ -104,12 +104,7 @@ def simulate(trace: list[Request], traces: list[list[int]], loops: int, max_batc
             tokens += len(rows)
             rows = [[g + 1, 0, m, t, 0] for g, _, m, t, _ in rows if g + 1 < m]
             continue
-        run = {row[1] for row in rows}
-        if schedule == "bytes" and len(run) > 1:
-            rows_at = {b: sum(row[1] == b for row in rows) for b in run}
-            head_at = {row[1] for row in rows if emits(row)}
-            must = {row[1] for row in rows if row[4] >= max_wait(loops)}
-            run = choose_loops(rows_at, head_at, must, cost)
+        run = step_loops([(row[1], emits(row), row[4]) for row in rows], loops, cost, schedule)
         keep, emitted = [], 0
         for row in rows:
             gen, loop, m, t, waited = row

@@ -24,7 +24,7 @@ from transformers.activations import ACT2FN
 from .block import TokenBatch, layer_forward
 from .head import LMHead
 from .kv_cache import KVCache
-from .schedule import SCHEDULES, choose_loops, max_wait, weight_bytes
+from .schedule import SCHEDULES, step_loops, weight_bytes
 from .weights import EngineWeights
 
 MODES = ("cdb", "seq", "static")
@@ -124,7 +124,6 @@ class Engine:
         self.head = LMHead(weights, max_batch)
         self.device = weights.embed.device
         self.cost = weight_bytes(weights)
-        self.max_wait = max_wait(self.B)
 
     # -- public ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -197,17 +196,12 @@ class Engine:
         return carry + self._emit(final + exited, tokens, stats, t0, on_token)
 
     def _loops_to_run(self, rows: list[Row]) -> set[int]:
-        """Every loop present ("all"), or the loops schedule.choose_loops picks ("bytes"): a loop calls
-        the LM head if a row there emits or, with a confidence exit, decides whether to exit."""
-        present = {r.loop for r in rows}
-        if self.schedule == "all" or len(present) == 1:
-            return present
-        rows_at = {b: sum(r.loop == b for r in rows) for b in present}
-        confidence = self.exit.kind in ("maxprob", "margin")
-        head_at = {r.loop for r in rows if r.loop == self.B - 1 or (not r.prefill and (
-            confidence or (self.exit.kind == "oracle" and self._oracle_exit(r))))}
-        must = {r.loop for r in rows if r.waited >= self.max_wait}
-        return choose_loops(rows_at, head_at, must, self.cost)
+        """schedule.step_loops: a row calls the LM head if it is at the last loop or, not a prefill, may
+        exit here (any row under a confidence exit, the trace's exits under the oracle)."""
+        kind = self.exit.kind
+        may_exit = lambda r: kind in ("maxprob", "margin") or (kind == "oracle" and self._oracle_exit(r))
+        head = lambda r: r.loop == self.B - 1 or (not r.prefill and may_exit(r))
+        return step_loops([(r.loop, head(r), r.waited) for r in rows], self.B, self.cost, self.schedule)
 
     def _oracle_exit(self, r: Row) -> bool:
         trace, i = r.req.exit_trace, len(r.req.output)

@@ -24,6 +24,19 @@ def max_wait(loops: int) -> int:
     return max(loops - 1, 1)
 
 
+def step_loops(rows: list[tuple[int, bool, int]], loops: int, cost: "StepCost", schedule: str) -> set[int]:
+    """The loops a depth-wise step runs, from each row's (loop, calls the LM head if run, steps waited):
+    every loop present ("all"), or choose_loops' pick ("bytes"), which holds the loop of every row that
+    has waited max_wait steps. The engine and the simulation both decide here."""
+    present = {loop for loop, _, _ in rows}
+    if schedule == "all" or len(present) == 1:
+        return present
+    rows_at = {b: sum(loop == b for loop, _, _ in rows) for b in present}
+    head_at = {loop for loop, head, _ in rows if head}
+    must = {loop for loop, _, waited in rows if waited >= max_wait(loops)}
+    return choose_loops(rows_at, head_at, must, cost)
+
+
 @dataclass
 class StepCost:
     """What one block pass costs. The paper's model: the layers it runs (shared = K, the rest 0). The
