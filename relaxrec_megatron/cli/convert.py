@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
 from ..hf.convert import convert_to_relaxed, format_report
-from .options import add_recursion_args, parse_rank, recursion_spec
+from .options import add_recursion_args, checkpoint_model_type, parse_rank, recursion_spec
 
 
 def add_parser(sub) -> None:
@@ -26,16 +25,11 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
-def _is_relaxed(source: str) -> bool:
-    cfg = Path(source) / "config.json"
-    return cfg.is_file() and json.loads(cfg.read_text()).get("model_type") == "relaxed_recursive"
-
-
 def run(args) -> int:
     if args.to == "megatron":
         from ..model.convert_megatron import relaxed_to_megatron
 
-        if _is_relaxed(args.source):
+        if checkpoint_model_type(args.source) == "relaxed_recursive":
             relaxed_to_megatron(args.source, args.output, overwrite=args.overwrite)
         else:
             with tempfile.TemporaryDirectory(dir=Path(args.output).expanduser().resolve().parent) as tmp:

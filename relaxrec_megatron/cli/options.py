@@ -63,12 +63,17 @@ def recursion_spec(args: argparse.Namespace, rank: int) -> RecursionSpec:
     )
 
 
+def checkpoint_model_type(folder: str) -> str | None:
+    """The model_type of an HF checkpoint folder's config.json; None without one."""
+    config = Path(folder) / "config.json"
+    return json.loads(config.read_text()).get("model_type") if config.is_file() else None
+
+
 def require_served_checkpoint(folder: str) -> None:
     """The serving engine's input: a relaxed recursive HF checkpoint folder."""
-    config = Path(folder) / "config.json"
-    if not config.is_file():
+    model_type = checkpoint_model_type(folder)
+    if model_type is None:
         raise UserError(f"{folder}: not a checkpoint folder (no config.json)")
-    model_type = json.loads(config.read_text()).get("model_type")
     if model_type != "relaxed_recursive":
         raise UserError(f"{folder}: model_type {model_type!r}; the engine serves relaxed recursive "
                         "checkpoints (make one with `relaxrec convert`)")
