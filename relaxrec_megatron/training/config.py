@@ -91,6 +91,13 @@ class CheckpointConfig:
 class EvalConfig:
     every: int = 500
     batches: int = 10
+    # lm-evaluation-harness tasks scored on the final checkpoint (rank 0, exported to HF), e.g.
+    # [lambada_openai, hellaswag] or the offline [relaxrec_pydoc_lastword]; empty: none
+    tasks: list = field(default_factory=list)
+    num_fewshot: int | None = None
+    limit: int | None = None  # first N samples of each task
+    include_path: list = field(default_factory=list)  # folders of task YAMLs
+    batch_size: int = 8
 
 
 @dataclass
@@ -128,6 +135,8 @@ class TrainConfig:
             raise UserError(f"optim.schedule must be cosine or wsd, got {o.schedule!r}")
         if not 0.0 <= self.kd.alpha <= 1.0 or self.kd.temperature <= 0:
             raise UserError("kd.alpha must be in [0, 1] and kd.temperature > 0")
+        if not isinstance(self.eval.tasks, list) or not all(isinstance(t, str) for t in self.eval.tasks):
+            raise UserError(f"eval.tasks must be a list of task names, got {self.eval.tasks!r}")
         if len(self.data.blend) % 2 or not self.data.blend:
             raise UserError("data.blend must be a non-empty list of weight, prefix pairs")
         if world_size is not None:

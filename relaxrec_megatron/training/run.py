@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -15,24 +17,17 @@ from ..errors import UserError
 from .config import TrainConfig
 
 
-def resolve_source(source: str) -> str:
-    if source == "builtin:smollm2-135m":
-        from ..hf.smollm import smollm_checkpoint
-
-        return str(smollm_checkpoint())
-    return source
-
-
 def prepare_checkpoints(cfg: TrainConfig, run_dir: Path) -> tuple[Path, Path | None]:
     """Relaxed student init and (for KD) the teacher as a 1-loop model: the source itself, exactly."""
     from ..hf.convert import RecursionSpec, convert_to_relaxed
+    from ..hf.smollm import resolve_builtin
 
     r = cfg.model.recursion
     student = Path(cfg.model.relaxed) if cfg.model.relaxed else run_dir / "init" / "student"
     teacher = run_dir / "init" / "teacher" if cfg.kd.enabled else None
     dtype = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}[cfg.model.dtype]
     if dist.get_rank() == 0:
-        source = resolve_source(cfg.model.source) if cfg.model.source else None
+        source = resolve_builtin(cfg.model.source) if cfg.model.source else None
         if not cfg.model.relaxed and not (student / "config.json").is_file():
             spec = RecursionSpec(loops=r.loops, strategy=r.strategy, init=r.init, rank=r.rank, lora_init=r.lora_init,
                                  share_norms=r.share_norms, share_biases=r.share_biases)
@@ -107,6 +102,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> list[dict]:
     if dist.get_rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1, default=str))
+    check_eval_tasks(cfg)
     student_dir, teacher_dir = prepare_checkpoints(cfg, run_dir)
     train_ds, valid_ds = build_data(cfg, student_dir)
     trainer = Trainer(cfg, student_dir, teacher_dir)
@@ -142,8 +138,62 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> list[dict]:
         if trainer.stop_requested or (stop_after is not None and trainer.step >= stop_after):
             break
     bar.close()
+    if cfg.eval.tasks and trainer.step >= cfg.optim.train_steps and dist.get_rank() == 0:
+        step = trainer.step
+        del trainer  # the scoring process needs the memory
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        results = score_tasks(cfg, latest_checkpoint(ckpt_root), run_dir)
+        flat = {f"eval/{task}/{metric}": v for task, row in results.items() for metric, v in row.items()}
+        if logger.wandb is not None:
+            logger.wandb.log(flat, step=step)
+        print("[eval] " + "  ".join(f"{k[5:]} {v:.4f}" for k, v in flat.items()), flush=True)
     logger.close()
     return records
+
+
+def check_eval_tasks(cfg: TrainConfig) -> None:
+    """An unknown name in eval.tasks fails before training, not after it: rank 0 checks, every rank raises."""
+    if not cfg.eval.tasks:
+        return
+    error = [None]
+    if dist.get_rank() == 0:
+        from ..evaluation import harness
+
+        harness.quiet()
+        try:
+            with harness.workdir() as tmp:
+                harness.check_tasks(cfg.eval.tasks, harness.task_manager(cfg.eval.include_path, Path(tmp)))
+        except UserError as e:
+            error[0] = str(e)
+    dist.broadcast_object_list(error, src=0)
+    if error[0]:
+        raise UserError(f"eval.tasks: {error[0]}")
+
+
+# set by torchrun / the local launcher for the training processes; the scoring process is a run of its own
+_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
+                "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS")
+
+
+def score_tasks(cfg: TrainConfig, checkpoint: Path, run_dir: Path) -> dict:
+    """`relaxrec eval tasks` on the final checkpoint, in a process of its own (no process group, its own
+    device memory); returns {task: {metric: value}} and leaves the report in run_dir/eval/."""
+    e = cfg.eval
+    out = run_dir / "eval" / f"tasks-{checkpoint.name}.json"
+    cmd = [sys.executable, "-m", "relaxrec_megatron.cli.main", "eval", "tasks", str(checkpoint),
+           "--tasks", ",".join(e.tasks), "--batch-size", str(e.batch_size), "--output", str(out)]
+    cmd += ["--num-fewshot", str(e.num_fewshot)] if e.num_fewshot is not None else []
+    cmd += ["--limit", str(e.limit)] if e.limit is not None else []
+    for folder in e.include_path:
+        cmd += ["--include-path", folder]
+    print(f"[eval] scoring {checkpoint} on {', '.join(e.tasks)}", flush=True)
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS}
+    rc = subprocess.call(cmd, env=env)
+    if rc != 0:
+        raise UserError(f"scoring {checkpoint} on eval.tasks failed (exit {rc}); the checkpoint is complete, "
+                        f"rerun with: relaxrec eval tasks {checkpoint} --tasks {','.join(e.tasks)}")
+    return next(iter(json.loads(out.read_text())["models"].values()))["results"]
 
 
 def evaluate(trainer, dataset) -> dict:

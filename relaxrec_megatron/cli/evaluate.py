@@ -1,0 +1,192 @@
+"""relaxrec eval: few-shot accuracy (lm-evaluation-harness) and corpus perplexity, models side by side.
+
+MODEL is a relaxed recursive HF checkpoint, an unrolled export or any HF model (folder or hub id),
+a Megatron dist checkpoint, a training checkpoint (runs/.../checkpoints/step_N) or a run's
+checkpoints folder (its latest step); Megatron checkpoints are exported to HF on the fly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ..errors import UserError
+
+TASK_SETS = {"paper": "PAPER_TASKS", "local": "LOCAL_TASKS"}
+
+
+def _common(p) -> None:
+    p.add_argument("models", nargs="+", metavar="MODEL", help="checkpoints to score, side by side")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id (default: the checkpoint's, "
+                                                     "or for a Megatron checkpoint its run's or source's)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default=None, help="default: cuda when present, else cpu")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="auto: the checkpoint's")
+    p.add_argument("--verbose", action="store_true", help="show the harness's and datasets' own logs")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("eval", help="few-shot accuracy and perplexity of checkpoints", description=__doc__)
+    targets = p.add_subparsers(dest="target", required=True)
+    t = targets.add_parser("tasks", help="lm-evaluation-harness tasks (default: the paper's seven)")
+    _common(t)
+    t.add_argument("--tasks", default="paper", help="comma list of harness task names, or 'paper' (lambada_openai, "
+                   "hellaswag, piqa, winogrande, arc_easy, arc_challenge, openbookqa; hub data) or 'local' "
+                   "(the offline relaxrec_pydoc_lastword, relaxrec_pydoc_continuation)")
+    t.add_argument("--num-fewshot", type=int, default=None, help="shots for every task (default: each task's own)")
+    t.add_argument("--limit", type=int, default=None, help="first N samples of each task")
+    t.add_argument("--include-path", action="append", default=[], metavar="DIR",
+                   help="a folder of task YAMLs in the harness's format (repeatable)")
+    t.add_argument("--output", default="outputs/eval/tasks.json", help="results and per-sample loglikelihoods")
+    t.set_defaults(run=run_tasks)
+    q = targets.add_parser("ppl", help="perplexity on a text corpus, sliding window")
+    _common(q)
+    q.add_argument("--data", nargs="+", required=True, metavar="FILES|DATASET",
+                   help="jsonl/json/parquet/txt/arrow files or folders of them, or a hub dataset (as data prepare)")
+    q.add_argument("--text-key", default="text")
+    q.add_argument("--split", default="train", help="split of a hub dataset")
+    q.add_argument("--context", type=int, default=1024, help="tokens in a window (capped at the model's positions)")
+    q.add_argument("--stride", type=int, default=512, help="tokens a window advances (<= context)")
+    q.add_argument("--max-tokens", type=int, default=None, help="score the corpus's first N tokens only")
+    q.add_argument("--output", default=None, help="write the results as JSON")
+    q.set_defaults(run=run_ppl)
+
+
+def _positive(args, *names) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+
+def _device(args) -> str:
+    import torch
+
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _write_json(path: str, data: dict) -> None:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, out)
+
+
+def _label(name: str) -> str:
+    return name if len(name) <= 26 else "…" + name[-25:]
+
+
+def _task_list(text: str) -> list[str]:
+    from ..evaluation import harness
+
+    tasks = []
+    for item in (t.strip() for t in text.split(",")):
+        if item in TASK_SETS:
+            tasks += getattr(harness, TASK_SETS[item])
+        elif item:
+            tasks.append(item)
+    if not tasks:
+        raise UserError("--tasks is empty")
+    return list(dict.fromkeys(tasks))
+
+
+def run_tasks(args) -> int:
+    from ..evaluation import harness
+    from ..evaluation.models import load, resolve
+
+    _positive(args, "limit", "batch_size")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise UserError(f"--num-fewshot must be >= 0, got {args.num_fewshot}")
+    harness.quiet(args.verbose)
+    tasks = _task_list(args.tasks)
+    report = {"tasks": tasks, "num_fewshot": args.num_fewshot, "limit": args.limit, "models": {}}
+    with harness.workdir() as tmp:
+        tmp = Path(tmp)
+        manager = harness.task_manager(args.include_path, tmp)
+        harness.check_tasks(tasks, manager)
+        models = [resolve(m, tmp, args.tokenizer) for m in args.models]  # every reference checked before any run
+        for m in models:
+            print(f"[eval] {m.name} ({m.kind}): {', '.join(tasks)}", flush=True)
+            lm, tok = load(m, _device(args), args.dtype)
+            report["models"][m.name] = {"kind": m.kind, **harness.evaluate(
+                lm, tok, tasks, manager, args.num_fewshot, args.limit, args.batch_size)}
+            del lm
+    print()
+    print(format_table(report))
+    _write_json(args.output, report)
+    print(f"\n[eval] wrote {args.output}")
+    return 0
+
+
+def format_table(report: dict) -> str:
+    """Tasks down, models across; accuracies in %, perplexities as they are; the average last."""
+    from ..evaluation import harness
+
+    names = list(report["models"])
+    results = {n: report["models"][n]["results"] for n in names}
+    shots = next(iter(report["models"].values()))["n-shot"] if names else {}
+    width = max([len(t) + 10 for t in report["tasks"]] + [28])
+    lines = [f"{'task':<{width}}{'metric':<12}" + "".join(f"{_label(n):>28}" for n in names)]
+    for task in report["tasks"]:
+        metrics = sorted({m for n in names for m in results[n].get(task, {})}, key=lambda m: (m != "acc", m))
+        for i, metric in enumerate(metrics):
+            head = f"{task} ({shots.get(task, '?')}-shot)" if i == 0 else ""
+            cells = []
+            for n in names:
+                v = results[n].get(task, {}).get(metric)
+                cells.append("-" if v is None else f"{100 * v:.1f}" if metric.startswith("acc") else f"{v:.3f}")
+            lines.append(f"{head:<{width}}{metric:<12}" + "".join(f"{c:>28}" for c in cells))
+    paper = [harness.paper_average(results[n]) for n in names]
+    if all(p is not None for p in paper):
+        label, values = "average (paper's 7 tasks)", paper
+    else:
+        label, values = "mean accuracy", [harness.mean_accuracy(results[n]) for n in names]
+    lines.append(f"{label:<{width}}{'acc':<12}" + "".join(f"{'-' if v is None else f'{100 * v:.1f}':>28}" for v in values))
+    return "\n".join(lines)
+
+
+def run_ppl(args) -> int:
+    import torch
+
+    from ..data.prepare import corpus_texts, open_corpus
+    from ..evaluation import harness
+    from ..evaluation.models import load, resolve
+    from ..evaluation.ppl import corpus_perplexity
+
+    _positive(args, "context", "stride", "max_tokens", "batch_size")
+    if args.stride > args.context:
+        raise UserError(f"--stride {args.stride} is larger than --context {args.context}")
+    harness.quiet(args.verbose)
+    corpora = [open_corpus(src, args.split) for src in args.data]
+    texts = [t for ds, src in zip(corpora, args.data) for t in corpus_texts(ds, args.text_key, src)]
+    rows = []
+    with harness.workdir() as tmp:
+        models = [resolve(m, Path(tmp), args.tokenizer) for m in args.models]
+        for m in models:
+            lm, tok = load(m, _device(args), args.dtype)
+            context = min(args.context, getattr(lm.config, "max_position_embeddings", args.context))
+            stride = min(args.stride, context)
+            docs, total = [], 0
+            for text in texts:
+                if args.max_tokens is not None and total >= args.max_tokens:
+                    break
+                ids = tok(text).input_ids  # with the special tokens the tokenizer adds for this model
+                ids = ids[: args.max_tokens - total] if args.max_tokens is not None else ids
+                docs.append(torch.tensor(ids))
+                total += len(ids)
+            print(f"[eval] {m.name}: {len(docs)} documents, {total} tokens, context {context}, stride {stride}",
+                  flush=True)
+            stats = corpus_perplexity(lm, docs, context, stride, args.batch_size, total_tokens=total)
+            rows.append({"model": m.name, "kind": m.kind, "context": context, "stride": stride, **stats})
+            del lm
+    print()
+    print(f"{'model':<40}{'perplexity':>12}{'tokens':>10}{'context':>9}{'stride':>8}{'tok/s':>9}")
+    for r in rows:
+        print(f"{_label(r['model']):<40}{r['perplexity']:>12.3f}{r['tokens']:>10}{r['context']:>9}{r['stride']:>8}"
+              f"{r['tokens_per_s']:>9.0f}")
+    if args.output:
+        _write_json(args.output, {"data": args.data, "models": rows})
+        print(f"\n[eval] wrote {args.output}")
+    return 0

@@ -1,0 +1,107 @@
+"""What `relaxrec eval` scores: any checkpoint a run produces, opened as an HF causal LM.
+
+A model reference is one of
+- an HF folder: a relaxed recursive checkpoint (loaded in process, no trust_remote_code), an
+  unrolled export or any vanilla model; or a hub id / `builtin:smollm2-135m`;
+- a Megatron dist checkpoint (`relaxrec_config.json`), a training checkpoint (`step_N/`, holding
+  `model/`) or a run's checkpoint folder (`latest` names the step): exported to a relaxed HF
+  checkpoint in a temporary folder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from ..hf.checkpoint import HF_SIDE_FILES, resolve_model_dir
+from ..model.checkpoint import CONFIG_FILE
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class EvalModel:
+    name: str  # as the user wrote it
+    folder: Path  # an HF checkpoint folder
+    tokenizer: str  # folder or hub id the tokenizer loads from
+    kind: str  # relaxed | vanilla | megatron
+
+
+def megatron_checkpoint(path: Path) -> Path | None:
+    """The Megatron dist checkpoint a folder names, if it names one."""
+    if (path / CONFIG_FILE).is_file():
+        return path
+    if (path / "model" / CONFIG_FILE).is_file():  # a training checkpoint step_N/
+        return path / "model"
+    if (path / "latest").is_file():  # a run's checkpoints/ folder
+        from ..training.trainer import latest_checkpoint
+
+        step = latest_checkpoint(path)
+        if step is None:
+            raise UserError(f"{path}: 'latest' names no complete checkpoint")
+        return step / "model"
+    return None
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / f).is_file() for f in HF_SIDE_FILES if f.startswith(("tokenizer", "vocab")))
+
+
+def _tokenizer_for_megatron(ckpt: Path, config: dict) -> str | None:
+    """The checkpoint's own tokenizer files, its run's student init, or the source model it names."""
+    for folder in (ckpt, ckpt.parent, ckpt.parent.parent.parent / "init" / "student"):
+        if _has_tokenizer(folder):
+            return str(folder)
+    return config.get("source_model")
+
+
+def resolve(name: str, workdir: Path, tokenizer: str | None = None) -> EvalModel:
+    """An HF folder for `name`; Megatron checkpoints are exported under `workdir`."""
+    import json
+
+    from ..hf.smollm import resolve_builtin
+
+    source = resolve_builtin(name)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        ckpt = megatron_checkpoint(path)
+        if ckpt is not None:
+            from ..model.checkpoint import read_config
+            from ..model.convert_megatron import megatron_to_relaxed
+
+            config = read_config(ckpt)
+            out = workdir / f"model{len(list(workdir.iterdir()))}"
+            megatron_to_relaxed(ckpt, out)
+            tok = tokenizer or _tokenizer_for_megatron(ckpt, config)
+            if tok is None:
+                raise UserError(f"{name}: no tokenizer beside the checkpoint or in its run; pass --tokenizer")
+            return EvalModel(name, out, tok, "megatron")
+        if not (path / "config.json").is_file():
+            raise UserError(f"{name}: not a checkpoint (no config.json, {CONFIG_FILE}, model/ or latest in it)")
+    folder = resolve_model_dir(source)
+    model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    kind = "relaxed" if model_type == "relaxed_recursive" else "vanilla"
+    return EvalModel(name, folder, tokenizer or str(folder), kind)
+
+
+def load(model: EvalModel, device: str = "cpu", dtype: str = "auto"):
+    """(model, tokenizer) for scoring; one-line errors for a tokenizer or dtype that cannot be had."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import relaxrec_megatron  # noqa: F401  (registers the relaxed model with the Auto classes)
+
+    if dtype != "auto" and dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype!r}: use auto, {', '.join(DTYPES)}")
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        tok = AutoTokenizer.from_pretrained(model.tokenizer)
+    except Exception as e:
+        raise UserError(f"{model.name}: cannot load a tokenizer from {model.tokenizer} ({type(e).__name__}); "
+                        "pass --tokenizer") from None
+    lm = AutoModelForCausalLM.from_pretrained(model.folder, dtype="auto" if dtype == "auto" else DTYPES[dtype])
+    return lm.to(device).eval(), tok
