@@ -165,6 +165,8 @@ def test_bad_input_is_one_line_and_writes_nothing(models, tmp_path, capsys):
     assert "no such file" in run_error(capsys, ["eval", "ppl", src, "--data", str(tmp_path / "none.jsonl")])
     assert "--stride 64 is larger" in run_error(capsys, ["eval", "ppl", src, "--data", "x.txt", "--context", "32",
                                                          "--stride", "64"])
+    if not torch.cuda.is_available():
+        assert "--device cuda" in run_error(capsys, ["eval", "tasks", src, "--device", "cuda", "--output", str(out)])
     assert not out.exists() and not list(tmp_path.glob(".r.json*"))
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from .options import require_served_checkpoint
+from .options import require_served_checkpoint, resolve_device
 
 
 def add_parser(sub) -> None:
@@ -92,11 +92,7 @@ def run(args) -> int:
         require_served_checkpoint(args.model)
     elif min(args.loops) < 1 or args.rank < 0:
         raise UserError("--loops must be >= 1 and --rank >= 0")
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        torch.empty(0, device=args.device)
-    except (RuntimeError, AssertionError) as e:
-        raise UserError(f"--device {args.device}: {str(e).splitlines()[0]}; pass cpu or a CUDA device this machine has")
+    args.device = resolve_device(args.device)
     if args.confidence is not None and not 0.0 <= args.confidence <= 1.0:
         raise UserError(f"--confidence {args.confidence}: a max-prob threshold lies in [0, 1]")
     if args.exit_prob > 1:

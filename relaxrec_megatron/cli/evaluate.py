@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from ..errors import UserError
+from .options import resolve_device
 
 TASK_SETS = {"paper": "PAPER_TASKS", "local": "LOCAL_TASKS"}
 
@@ -60,12 +61,6 @@ def _positive(args, *names) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
 
 
-def _device(args) -> str:
-    import torch
-
-    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _write_json(path: str, data: dict) -> None:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -99,6 +94,7 @@ def run_tasks(args) -> int:
     _positive(args, "limit", "batch_size")
     if args.num_fewshot is not None and args.num_fewshot < 0:
         raise UserError(f"--num-fewshot must be >= 0, got {args.num_fewshot}")
+    args.device = resolve_device(args.device)
     harness.quiet(args.verbose)
     tasks = _task_list(args.tasks)
     report = {"tasks": tasks, "num_fewshot": args.num_fewshot, "limit": args.limit, "models": {}}
@@ -109,7 +105,7 @@ def run_tasks(args) -> int:
         models = [resolve(m, tmp, args.tokenizer) for m in args.models]  # every reference checked before any run
         for m in models:
             print(f"[eval] {m.name} ({m.kind}): {', '.join(tasks)}", flush=True)
-            lm, tok = load(m, _device(args), args.dtype)
+            lm, tok = load(m, args.device, args.dtype)
             report["models"][m.name] = {"kind": m.kind, **harness.evaluate(
                 lm, tok, tasks, manager, args.num_fewshot, args.limit, args.batch_size)}
             del lm
@@ -158,6 +154,7 @@ def run_ppl(args) -> int:
     _positive(args, "context", "stride", "max_tokens", "batch_size")
     if args.stride > args.context:
         raise UserError(f"--stride {args.stride} is larger than --context {args.context}")
+    args.device = resolve_device(args.device)
     harness.quiet(args.verbose)
     corpora = [open_corpus(src, args.split) for src in args.data]
     texts = [t for ds, src in zip(corpora, args.data) for t in corpus_texts(ds, args.text_key, src)]
@@ -165,7 +162,7 @@ def run_ppl(args) -> int:
     with harness.workdir() as tmp:
         models = [resolve(m, Path(tmp), args.tokenizer) for m in args.models]
         for m in models:
-            lm, tok = load(m, _device(args), args.dtype)
+            lm, tok = load(m, args.device, args.dtype)
             context = min(args.context, getattr(lm.config, "max_position_embeddings", args.context))
             stride = min(args.stride, context)
             docs, total = [], 0

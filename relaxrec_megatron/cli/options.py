@@ -77,3 +77,27 @@ def require_served_checkpoint(folder: str) -> None:
     if model_type != "relaxed_recursive":
         raise UserError(f"{folder}: model_type {model_type!r}; the engine serves relaxed recursive "
                         "checkpoints (make one with `relaxrec convert`)")
+
+
+def resolve_device(device: str | None) -> str:
+    """cpu or a CUDA device this machine has (default: cuda when present, else cpu). Asks CUDA itself:
+    a probe tensor would not fail where the CPU mode of megatron-core maps cuda to the CPU."""
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    fix = "; pass cpu or a CUDA device this machine has"
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as e:
+        raise UserError(f"--device {device}: {str(e).splitlines()[0]}{fix}") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (parsed.index or 0) >= count:
+            raise UserError(f"--device {device}: this machine has {count} CUDA devices{fix}")
+    elif parsed.type != "cpu":
+        try:
+            torch.empty(0, device=parsed)
+        except (RuntimeError, AssertionError) as e:
+            raise UserError(f"--device {device}: {str(e).splitlines()[0]}{fix}") from None
+    return device

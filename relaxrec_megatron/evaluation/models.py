@@ -10,6 +10,7 @@ A model reference is one of
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,7 +74,7 @@ def resolve(name: str, workdir: Path, tokenizer: str | None = None) -> EvalModel
             from ..model.convert_megatron import megatron_to_relaxed
 
             config = read_config(ckpt)
-            out = workdir / f"model{len(list(workdir.iterdir()))}"
+            out = Path(tempfile.mkdtemp(prefix="export-", dir=workdir)) / "relaxed"
             megatron_to_relaxed(ckpt, out)
             tok = tokenizer or _tokenizer_for_megatron(ckpt, config)
             if tok is None:

@@ -33,9 +33,8 @@ def single_process_group():
     from ..parallel.distributed import free_port
 
     cpu_mode.enable()
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    # a port of its own, not MASTER_PORT: the environment may belong to a launcher's store
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         yield
     finally:
