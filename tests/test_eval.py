@@ -90,13 +90,12 @@ def test_untrained_rank0_scores_below_the_source(tmp_path):
     """The real SmolLM2-135M against its pure recursive (rank 0) conversion before any uptraining."""
     source = str(smollm_checkpoint())
     convert_to_relaxed(source, tmp_path / "r0", RecursionSpec(loops=2, rank=0), progress=False)
-    report = eval_json(["eval", "tasks", source, str(tmp_path / "r0"), "--tasks", "local", "--limit", "24"],
+    report = eval_json(["eval", "tasks", source, str(tmp_path / "r0"), "--tasks", LASTWORD, "--limit", "24"],
                        tmp_path / "r.json")
     src, r0 = (report["models"][k]["results"] for k in (source, str(tmp_path / "r0")))
     assert src[LASTWORD]["acc"] >= 0.4  # the source model solves these
     assert r0[LASTWORD]["acc"] < src[LASTWORD]["acc"] - 0.2
     assert r0[LASTWORD]["perplexity"] > 10 * src[LASTWORD]["perplexity"]
-    assert r0["relaxrec_pydoc_continuation"]["acc_norm"] < src["relaxrec_pydoc_continuation"]["acc_norm"]
 
 
 def test_a_users_task_folder(models, tmp_path):

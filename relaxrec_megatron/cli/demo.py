@@ -85,20 +85,19 @@ def run(args) -> int:
 
     rows = []
     harness.quiet()
-    with harness.workdir() as tmp:
-        tasks = harness.task_manager([], Path(tmp))
-        for label, folder, scored in [("source SmolLM2-135M", source, True),
-                                      ("recursive at init", run_dir / "init" / "student", True),
-                                      ("after uptraining", trained, True), ("  exported unrolled", unrolled, False)]:
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-            row = {"model": label, "unique_params": unique_parameters(model), "perplexity": perplexity(model, held_out),
-                   "greedy": greedy(model, tokenizer, PROMPT)}
-            if scored:  # the unrolled export holds the same weights as the relaxed one
-                res = harness.evaluate(model, tokenizer, [LASTWORD, CONTINUATION], tasks, limit=args.task_limit)
-                row["last_word_acc"] = res["results"][LASTWORD]["acc"]
-                row["next_sentence_acc"] = res["results"][CONTINUATION]["acc_norm"]
-            rows.append(row)
-            say(f"{label}: held-out ppl {row['perplexity']:.2f}")
+    tasks = harness.task_manager([])
+    for label, folder, scored in [("source SmolLM2-135M", source, True),
+                                  ("recursive at init", run_dir / "init" / "student", True),
+                                  ("after uptraining", trained, True), ("  exported unrolled", unrolled, False)]:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        row = {"model": label, "unique_params": unique_parameters(model), "perplexity": perplexity(model, held_out),
+               "greedy": greedy(model, tokenizer, PROMPT)}
+        if scored:  # the unrolled export holds the same weights as the relaxed one
+            res = harness.evaluate(model, tokenizer, [LASTWORD, CONTINUATION], tasks, limit=args.task_limit)
+            row["last_word_acc"] = res["results"][LASTWORD]["acc"]
+            row["next_sentence_acc"] = res["results"][CONTINUATION]["acc_norm"]
+        rows.append(row)
+        say(f"{label}: held-out ppl {row['perplexity']:.2f}")
 
     print()
     print(f"SmolLM2-135M -> {cfg.model.recursion.loops} loops, {cfg.model.recursion.init} init, SVD LoRA rank "

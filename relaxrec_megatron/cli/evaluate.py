@@ -89,7 +89,7 @@ def _task_list(text: str) -> list[str]:
 
 def run_tasks(args) -> int:
     from ..evaluation import harness
-    from ..evaluation.models import load, resolve
+    from ..evaluation.models import export_dir, load, resolve
 
     _positive(args, "limit", "batch_size")
     if args.num_fewshot is not None and args.num_fewshot < 0:
@@ -98,16 +98,15 @@ def run_tasks(args) -> int:
     harness.quiet(args.verbose)
     tasks = _task_list(args.tasks)
     report = {"tasks": tasks, "num_fewshot": args.num_fewshot, "limit": args.limit, "models": {}}
-    with harness.workdir() as tmp:
-        tmp = Path(tmp)
-        manager = harness.task_manager(args.include_path, tmp)
+    with export_dir() as tmp:
+        models = [resolve(m, Path(tmp), args.tokenizer) for m in args.models]  # every reference checked first
+        manager = harness.task_manager(args.include_path)
         harness.check_tasks(tasks, manager)
-        models = [resolve(m, tmp, args.tokenizer) for m in args.models]  # every reference checked before any run
         for m in models:
             print(f"[eval] {m.name} ({m.kind}): {', '.join(tasks)}", flush=True)
-            lm, tok = load(m, args.device, args.dtype)
+            lm = load(m, args.device, args.dtype)
             report["models"][m.name] = {"kind": m.kind, **harness.evaluate(
-                lm, tok, tasks, manager, args.num_fewshot, args.limit, args.batch_size)}
+                lm, m.tokenizer, tasks, manager, args.num_fewshot, args.limit, args.batch_size)}
             del lm
     print()
     print(format_table(report))
@@ -148,7 +147,7 @@ def run_ppl(args) -> int:
 
     from ..data.prepare import corpus_texts, open_corpus
     from ..evaluation import harness
-    from ..evaluation.models import load, resolve
+    from ..evaluation.models import export_dir, load, resolve
     from ..evaluation.ppl import corpus_perplexity
 
     _positive(args, "context", "stride", "max_tokens", "batch_size")
@@ -159,10 +158,10 @@ def run_ppl(args) -> int:
     corpora = [open_corpus(src, args.split) for src in args.data]
     texts = [t for ds, src in zip(corpora, args.data) for t in corpus_texts(ds, args.text_key, src)]
     rows = []
-    with harness.workdir() as tmp:
+    with export_dir() as tmp:
         models = [resolve(m, Path(tmp), args.tokenizer) for m in args.models]
         for m in models:
-            lm, tok = load(m, args.device, args.dtype)
+            lm, tok = load(m, args.device, args.dtype), m.tokenizer
             context = min(args.context, getattr(lm.config, "max_position_embeddings", args.context))
             stride = min(args.stride, context)
             docs, total = [], 0

@@ -9,8 +9,8 @@ recursive model.
 
 from __future__ import annotations
 
+import functools
 import logging
-import tempfile
 from pathlib import Path
 
 from ..errors import UserError
@@ -34,14 +34,20 @@ def quiet(verbose: bool = False) -> None:
         datasets.logging.set_verbosity_error()
 
 
-def task_manager(include_paths: list[str], workdir: Path):
-    """The harness's tasks, the shipped local ones and the user's folders."""
-    from lm_eval.tasks import TaskManager
-
+def task_manager(include_paths: list[str]):
+    """The harness's tasks, the shipped local ones and the user's folders (indexed once per process:
+    indexing the harness's tasks takes seconds)."""
     for p in include_paths:
         if not Path(p).is_dir():
             raise UserError(f"--include-path {p}: no such folder of task YAMLs")
-    return TaskManager(include_path=[str(task_folder(workdir / "local_tasks")), *include_paths])
+    return _indexed(tuple(str(Path(p).resolve()) for p in include_paths))
+
+
+@functools.lru_cache(maxsize=4)
+def _indexed(include_paths: tuple[str, ...]):
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=[str(task_folder()), *include_paths])
 
 
 def check_tasks(tasks: list[str], manager) -> None:
@@ -92,7 +98,3 @@ def paper_average(results: dict) -> float | None:
 def mean_accuracy(results: dict) -> float | None:
     accs = [r[PAPER_METRIC] for r in results.values() if PAPER_METRIC in r]
     return sum(accs) / len(accs) if accs else None
-
-
-def workdir():
-    return tempfile.TemporaryDirectory(prefix="relaxrec-eval-")

@@ -27,8 +27,13 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 class EvalModel:
     name: str  # as the user wrote it
     folder: Path  # an HF checkpoint folder
-    tokenizer: str  # folder or hub id the tokenizer loads from
+    tokenizer: object  # loaded when the reference is resolved, so a missing one fails before any scoring
     kind: str  # relaxed | vanilla | megatron
+
+
+def export_dir():
+    """Where Megatron checkpoints are exported for scoring; removed when the block ends."""
+    return tempfile.TemporaryDirectory(prefix="relaxrec-eval-")
 
 
 def megatron_checkpoint(path: Path) -> Path | None:
@@ -59,8 +64,19 @@ def _tokenizer_for_megatron(ckpt: Path, config: dict) -> str | None:
     return config.get("source_model")
 
 
+def _tokenizer(name: str, ref: str):
+    import transformers
+    from transformers import AutoTokenizer
+
+    transformers.logging.set_verbosity_error()
+    try:
+        return AutoTokenizer.from_pretrained(ref)
+    except Exception as e:
+        raise UserError(f"{name}: cannot load a tokenizer from {ref} ({type(e).__name__}); pass --tokenizer") from None
+
+
 def resolve(name: str, workdir: Path, tokenizer: str | None = None) -> EvalModel:
-    """An HF folder for `name`; Megatron checkpoints are exported under `workdir`."""
+    """An HF folder and the tokenizer for `name`; Megatron checkpoints are exported under `workdir`."""
     import json
 
     from ..hf.smollm import resolve_builtin
@@ -79,30 +95,22 @@ def resolve(name: str, workdir: Path, tokenizer: str | None = None) -> EvalModel
             tok = tokenizer or _tokenizer_for_megatron(ckpt, config)
             if tok is None:
                 raise UserError(f"{name}: no tokenizer beside the checkpoint or in its run; pass --tokenizer")
-            return EvalModel(name, out, tok, "megatron")
+            return EvalModel(name, out, _tokenizer(name, tok), "megatron")
         if not (path / "config.json").is_file():
             raise UserError(f"{name}: not a checkpoint (no config.json, {CONFIG_FILE}, model/ or latest in it)")
     folder = resolve_model_dir(source)
     model_type = json.loads((folder / "config.json").read_text()).get("model_type")
     kind = "relaxed" if model_type == "relaxed_recursive" else "vanilla"
-    return EvalModel(name, folder, tokenizer or str(folder), kind)
+    return EvalModel(name, folder, _tokenizer(name, tokenizer or str(folder)), kind)
 
 
 def load(model: EvalModel, device: str = "cpu", dtype: str = "auto"):
-    """(model, tokenizer) for scoring; one-line errors for a tokenizer or dtype that cannot be had."""
+    """The model, in eval mode on `device`, in `dtype` (auto: the checkpoint's)."""
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     import relaxrec_megatron  # noqa: F401  (registers the relaxed model with the Auto classes)
 
-    if dtype != "auto" and dtype not in DTYPES:
-        raise UserError(f"--dtype {dtype!r}: use auto, {', '.join(DTYPES)}")
-    transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    try:
-        tok = AutoTokenizer.from_pretrained(model.tokenizer)
-    except Exception as e:
-        raise UserError(f"{model.name}: cannot load a tokenizer from {model.tokenizer} ({type(e).__name__}); "
-                        "pass --tokenizer") from None
     lm = AutoModelForCausalLM.from_pretrained(model.folder, dtype="auto" if dtype == "auto" else DTYPES[dtype])
-    return lm.to(device).eval(), tok
+    return lm.to(device).eval()

@@ -162,8 +162,7 @@ def check_eval_tasks(cfg: TrainConfig) -> None:
 
         harness.quiet()
         try:
-            with harness.workdir() as tmp:
-                harness.check_tasks(cfg.eval.tasks, harness.task_manager(cfg.eval.include_path, Path(tmp)))
+            harness.check_tasks(cfg.eval.tasks, harness.task_manager(cfg.eval.include_path))
         except UserError as e:
             error[0] = str(e)
     dist.broadcast_object_list(error, src=0)
