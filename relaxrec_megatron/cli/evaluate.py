@@ -14,8 +14,6 @@ from pathlib import Path
 from ..errors import UserError
 from .options import resolve_device
 
-TASK_SETS = {"paper": "PAPER_TASKS", "local": "LOCAL_TASKS"}
-
 
 def _common(p) -> None:
     p.add_argument("models", nargs="+", metavar="MODEL", help="checkpoints to score, side by side")
@@ -74,12 +72,13 @@ def _label(name: str) -> str:
 
 
 def _task_list(text: str) -> list[str]:
-    from ..evaluation import harness
+    from ..evaluation.harness import LOCAL_TASKS, PAPER_TASKS
 
+    sets = {"paper": PAPER_TASKS, "local": LOCAL_TASKS}
     tasks = []
     for item in (t.strip() for t in text.split(",")):
-        if item in TASK_SETS:
-            tasks += getattr(harness, TASK_SETS[item])
+        if item in sets:
+            tasks += sets[item]
         elif item:
             tasks.append(item)
     if not tasks:
