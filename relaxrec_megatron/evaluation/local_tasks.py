@@ -2,15 +2,15 @@
 
 Two tasks, both from the held-out pydoc topics (`data.pydoc_text`, which the demo never trains on):
 - `relaxrec_pydoc_lastword`: LAMBADA's form. A passage (paragraphs one per line) ends just before
-  the last word of a sentence, a word that already occurs earlier in the passage; the model must predict it (loglikelihood, acc
-  = the greedy continuation is the word).
+  the last word of a sentence, a word that already occurs earlier in the passage; the model must
+  predict it (loglikelihood; acc = the greedy continuation is the word).
 - `relaxrec_pydoc_continuation`: HellaSwag's form. One or two sentences, and four candidate next
   sentences: the true one and three from other topics of similar length (multiple choice).
 
 The topics repeat some passages of the training topics; samples from those are left out. The jsonl
-files ship beside the YAMLs (`tasks/`); `tools/make_local_tasks.py` rebuilds them. The
-harness resolves a YAML's `data_files` against the working directory, so `task_folder` writes the
-YAMLs with absolute paths into a cache folder that `--include_path` can take.
+files ship beside the YAMLs (`tasks/`); `tools/make_local_tasks.py` rebuilds them. The harness
+resolves a YAML's `data_files` against the working directory, so `task_folder` writes the YAMLs with
+absolute paths into a cache folder that `--include_path` can take.
 """
 
 from __future__ import annotations
