@@ -5,6 +5,13 @@
 #
 # Environment (defaults for one node): NNODES=1, NPROC_PER_NODE=<GPUs, or 2 on CPU>, NODE_RANK=0,
 # MASTER_ADDR=127.0.0.1, MASTER_PORT=29500, RDZV_ID=relaxrec. DRY_RUN=1 prints the command instead.
+#
+# Stopping: SIGTERM or SIGUSR1 (slurm's preemption notice) to this process is forwarded to every
+# worker; they finish the step, save a checkpoint together and exit. STOP_TIMEOUT (default 240 s) is
+# how long torchrun waits for that before it kills them: a Gemma-2B checkpoint (about 4 GB of
+# weights and 12 GB of Adam state over the data-parallel ranks) takes well under a minute on a
+# parallel file system, the step in flight a few seconds more. The exit status is then 75
+# (EX_TEMPFAIL: relaunch; `checkpoint.resume: auto` continues from that checkpoint).
 set -euo pipefail
 if [ $# -lt 1 ]; then
     echo "usage: launch/torchrun.sh CONFIG.yaml [dotted.key=value ...]" >&2
@@ -18,13 +25,15 @@ fi
 if [ -z "${NPROC_PER_NODE:-}" ]; then
     NPROC_PER_NODE=$(python -c 'import torch; print(torch.cuda.device_count() or 2)' 2>/dev/null || echo 2)
 fi
-cmd=(torchrun
+cmd=(python -m relaxrec_megatron.parallel.torchrun
     --nnodes="${NNODES:-1}"
     --nproc-per-node="$NPROC_PER_NODE"
     --node-rank="${NODE_RANK:-0}"
     --rdzv-backend=c10d
     --rdzv-endpoint="${MASTER_ADDR:-127.0.0.1}:${MASTER_PORT:-29500}"
     --rdzv-id="${RDZV_ID:-relaxrec}"
+    --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2
+    --shutdown-timeout="${STOP_TIMEOUT:-240}"
     -m relaxrec_megatron.cli.main train --config "$CONFIG" "$@")
 if [ "${DRY_RUN:-0}" = 1 ]; then
     printf '%q ' "${cmd[@]}"; echo

@@ -135,18 +135,106 @@ def train_job(config_path: str, overrides: list[str], out_path: str, stop_after=
 
     def step_then_signal(self):
         rec = original_step(self)
-        if self.step == sigterm_at:
+        import torch.distributed as dist
+
+        if self.step == sigterm_at and dist.get_rank() == dist.get_world_size() - 1:
             import signal
 
-            os.kill(os.getpid(), signal.SIGTERM)  # as slurm does before preempting
+            os.kill(os.getpid(), signal.SIGTERM)  # to one rank only: every rank must still stop with it
         return rec
 
     trainer_mod.Trainer._loss_step, trainer_mod.Trainer.save = poisoned, crashing_save
     trainer_mod.Trainer.train_step = step_then_signal
-    if stop_after is None:
-        return train_entry(config_path, overrides, out_path)
-
-    records = train(load_config(config_path, overrides), stop_after=stop_after)
     import torch.distributed as dist
 
+    from relaxrec_megatron.training.run import Preempted
+
+    if stop_after is None and sigterm_at is None:
+        return train_entry(config_path, overrides, out_path)
+    try:
+        records = train(load_config(config_path, overrides), stop_after=stop_after)
+    except Preempted as stopped:
+        records = stopped.records
     torch.save(records, f"{out_path}.rank{dist.get_rank()}.pt")
+
+
+def fp8_context_job(relaxed_dir: str, tokens: torch.Tensor, out_path: str) -> None:
+    """Records the layer numbers the decoder asks megatron's FP8 context for, in a forward and
+    backward with recompute (which runs each layer's forward again inside backward)."""
+    from relaxrec_megatron.model import decoder
+    from relaxrec_megatron.parallel.schedule import batch_from_tokens, forward_backward
+
+    asked = []
+    real = decoder.get_fp8_context
+
+    def recording(config, layer_no=-1, is_init=False):
+        asked.append(layer_no)
+        return real(config, layer_no, is_init)
+
+    decoder.get_fp8_context = recording
+    _, settings, model = _setup(Path(relaxed_dir), 1, 1, recompute=True)
+    model.train()
+    forward_backward(model, [batch_from_tokens(tokens)])
+    torch.save({"asked": asked, "layers": settings.plan.num_layers}, out_path)
+
+
+def te_row_lora_job(out_path: str) -> None:
+    """The TE row-parallel LoRA linear under TP=2 with sequence parallelism, its TE base replaced by
+    megatron's local RowParallelLinear (same contract: reduce-scattered output, te_return_bias), next
+    to the local LoRA linear with the same weights. Saves both linears' LoRA gradients after the TP
+    sums of parallel.grads, gathered to full tensors."""
+    import sys
+    import types
+
+    from megatron.core import parallel_state as ps
+    from megatron.core.model_parallel_config import ModelParallelConfig
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    from relaxrec_megatron.parallel.distributed import init_distributed
+
+    init_distributed(2, 1)
+
+    class TERowParallelLinear(RowParallelLinear):
+        def __init__(self, input_size, output_size, *, config, init_method, bias, skip_bias_add=False,
+                     input_is_parallel=True, **_):
+            super().__init__(input_size, output_size, config=config, init_method=init_method, bias=bias,
+                             input_is_parallel=True, skip_bias_add=skip_bias_add)
+            self.te_return_bias = skip_bias_add and bias
+
+    fake = types.ModuleType("megatron.core.extensions.transformer_engine")
+    fake.TERowParallelLinear, fake.TEColumnParallelLinear = TERowParallelLinear, ColumnParallelLinear
+    sys.modules["megatron.core.extensions.transformer_engine"] = fake
+    from relaxrec_megatron.model.lora_linear import LoraRowParallelLinear, te_linear_classes
+
+    _, te_row = te_linear_classes()
+    config = ModelParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True, params_dtype=torch.float32,
+                                 use_cpu_initialization=True)
+    tp, rank = 2, ps.get_tensor_model_parallel_rank()
+    kw = dict(config=config, init_method=torch.nn.init.zeros_, lora_modules=("down",), lora_ranks={"down": 3},
+              loops=(0,), bias=False, input_is_parallel=True, skip_bias_add=False)
+    g = torch.Generator().manual_seed(0)
+    weight, A, B = torch.randn(6, 8, generator=g), torch.randn(3, 8, generator=g), torch.randn(6, 3, generator=g)
+    x = torch.randn(4, 1, 8, generator=g)  # (sequence, batch, hidden): full sequence, hidden split over TP
+    probe = torch.randn(4, 1, 6, generator=g)  # d loss / d output
+    cols = slice(rank * 4, (rank + 1) * 4)
+    rows = slice(rank * 2, (rank + 1) * 2)  # this rank's slice of the sequence after the reduce-scatter
+    grads = {}
+    for name, cls in (("local", LoraRowParallelLinear), ("te", te_row)):
+        lin = cls(8, 6, **kw)
+        with torch.no_grad():
+            lin.weight.copy_(weight[:, cols])
+            lin.lora.lora_A["down_0"].copy_(A[:, cols])
+            lin.lora.lora_B["down_0"].copy_(B)
+        out, _ = lin(x[..., cols].clone().requires_grad_())
+        (out * probe[rows]).sum().backward()
+        a, b = lin.lora.lora_A["down_0"], lin.lora.lora_B["down_0"]
+        for p in (a, b):
+            if getattr(p, "relaxrec_tp_sum_grad", False):
+                dist.all_reduce(p.grad, group=ps.get_tensor_model_parallel_group())
+        full_a = [torch.empty_like(a.grad) for _ in range(tp)]
+        dist.all_gather(full_a, a.grad.contiguous(), group=ps.get_tensor_model_parallel_group())
+        grads[name] = {"A": torch.cat(full_a, dim=1), "B": b.grad.clone()}
+    expected_A = (probe.reshape(4, 6) @ B).t() @ x.reshape(4, 8)  # plain torch, one process
+    expected_B = probe.reshape(4, 6).t() @ (x.reshape(4, 8) @ A.t())
+    if rank == 0:
+        torch.save({**grads, "expected": {"A": expected_A, "B": expected_B}}, out_path)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 import relaxrec_megatron  # noqa: F401
-from megatron_jobs import load_job, parity_job, save_job
+from megatron_jobs import fp8_context_job, load_job, parity_job, save_job, te_row_lora_job
 from relaxrec_megatron.parallel.local_world import run_world
 from relaxrec_megatron.errors import UserError
 from relaxrec_megatron.hf.checkpoint import CheckpointReader
@@ -128,6 +128,15 @@ def test_gradient_contracts_are_needed(runs, layout, key):
     assert float((raw[key] - ref[key]).norm() / ref[key].norm()) > 1e-2
 
 
+def test_each_unrolled_layer_runs_in_megatrons_fp8_context_for_it(relaxed, tmp_path):
+    # megatron decides per global layer number (FP8 or, for the first/last, bf16); recompute must
+    # enter the same context again when it reruns a layer's forward inside backward
+    run_world(fp8_context_job, 1, str(relaxed / "llama-lora"), TOKENS, str(tmp_path / "asked.pt"), timeout=300)
+    got = torch.load(tmp_path / "asked.pt")
+    depth = list(range(got["layers"]))
+    assert len(depth) > 2 and got["asked"] == depth + depth[::-1]
+
+
 def test_dist_checkpoint_reshards(relaxed, runs, tmp_path):
     name = "gemma-lora"
     run_world(save_job, 2, str(relaxed / name), 2, 1, str(tmp_path / "ckpt"), timeout=600)
@@ -231,3 +240,12 @@ def test_add_lora_in_place_equals_autograd(groups, columns):
 
     torch.testing.assert_close(in_place(base, z, *Bs), reference(base, z, *Bs))
     assert torch.autograd.gradcheck(in_place, (base, z, *Bs))
+
+
+def test_te_row_parallel_lora_gradients_under_sequence_parallelism(tmp_path):
+    # the TE variant's LoRA wiring on CPU: its TE base swapped for megatron's local row-parallel linear
+    run_world(te_row_lora_job, 2, str(tmp_path / "grads.pt"), timeout=300)
+    got = torch.load(tmp_path / "grads.pt")
+    for name in ("local", "te"):
+        for factor in ("A", "B"):
+            assert torch.allclose(got[name][factor], got["expected"][factor], atol=1e-5), (name, factor)

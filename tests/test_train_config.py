@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from relaxrec_megatron.errors import UserError
 from relaxrec_megatron.training.config import OptimConfig, load_config, lr_at
@@ -60,3 +61,65 @@ def test_lr_schedules():
     assert lr_at(60, o) == pytest.approx(0.55)
     w = OptimConfig(lr=1.0, min_lr=0.0, warmup_steps=10, train_steps=110, schedule="wsd", decay_fraction=0.1)
     assert lr_at(50, w) == 1.0 and lr_at(99, w) == 1.0 and lr_at(110, w) == pytest.approx(0.0)
+
+
+GEMMA, FP8 = (Path(__file__).parents[1] / "configs" / f"gemma-2b-relaxed{s}.yaml" for s in ("", "-fp8"))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.fp8_recipe=delayed"], "delayed keeps one amax history per module"),
+    (["model.fp8_recipe=perchannel"], "fp8_recipe must be one of tensorwise, blockwise, mxfp8"),
+    (["model.fp8_format=e5m2"], "fp8_format must be hybrid or e4m3"),
+    (["model.dtype=fp32"], "set model.dtype=bf16"),
+])
+def test_fp8_settings_that_cannot_work_are_refused(overrides, message):
+    with pytest.raises(UserError, match=message):
+        load_config(FP8, overrides).validate()
+
+
+def test_low_precision_weights_need_a_master_copy():
+    with pytest.raises(UserError, match="no fp32 master copy; use zero_stage 1 or 2"):
+        load_config(GEMMA, ["parallel.zero_stage=0", "model.dtype=bf16"]).validate()
+    load_config(GEMMA, ["parallel.zero_stage=0", "model.dtype=fp32"]).validate()
+
+
+def test_deepspeed_accumulates_low_precision_gradients_in_fp32():
+    from relaxrec_megatron.training.trainer import deepspeed_config
+
+    bf16 = deepspeed_config(load_config(GEMMA, ["model.dtype=bf16"]), micro_batches=4, dp=2)
+    assert bf16["bf16"] == {"enabled": True} and bf16["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert "data_types" not in deepspeed_config(load_config(GEMMA, ["model.dtype=fp32"]), 4, 2)
+
+
+def test_fp8_config_becomes_megatrons_own_fp8_settings():
+    from megatron.core.fp8_utils import is_first_last_bf16_layer
+
+    from relaxrec_megatron.model.settings import RelaxedSettings, transformer_config
+    from relaxrec_megatron.training.precision import fp8_settings
+
+    cfg = load_config(FP8)
+    cfg.validate()
+    got = fp8_settings(cfg.model)
+    assert got == {"fp8": "hybrid", "fp8_recipe": "tensorwise", "first_last_layers_bf16": True,
+                   "num_layers_at_start_in_bf16": 1, "num_layers_at_end_in_bf16": 1}
+    assert fp8_settings(load_config(GEMMA).model) == {}
+    settings = RelaxedSettings(dict(
+        model_type="relaxed_recursive", vocab_size=256, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=16, max_position_embeddings=64, norm_type="rmsnorm", norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, norm_zero_centered=True,
+        hidden_act="gelu_pytorch_tanh", gated_mlp=True, parallel_residual=False, attention_bias=False,
+        mlp_bias=False, embedding_multiplier=8.0, tie_word_embeddings=True, num_hidden_layers=18,
+        num_shared_layers=9, num_loops=2, recursion_strategy="cycle", layer_plan=None,
+        lora_ranks={m: 8 for m in ("q", "k", "v", "o", "gate", "up", "down")}, share_norms=True, share_biases=True))
+    config = transformer_config(settings, torch.bfloat16, got)
+    assert (config.fp8, config.fp8_recipe, config.num_layers) == ("hybrid", "tensorwise", 18)
+    assert [is_first_last_bf16_layer(config, l) for l in range(18)] == [True] + [False] * 16 + [True]
+    assert transformer_config(settings, torch.bfloat16).fp8 is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where CUDA is missing")
+def test_fp8_without_cuda_is_one_line():
+    from relaxrec_megatron.training.precision import check_fp8_runtime
+
+    with pytest.raises(UserError, match="needs a CUDA GPU with FP8.*set model.fp8=false"):
+        check_fp8_runtime("tensorwise")

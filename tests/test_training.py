@@ -111,10 +111,11 @@ def test_a_crash_mid_save_leaves_the_previous_checkpoint(setup):
     assert resumed[0]["step"] == 4 and resumed[-1]["step"] == 10
 
 
-def test_sigterm_saves_and_stops(setup):
-    got = run(setup, "sigterm", 1, ["checkpoint.save_every=100"], sigterm_at=4)
-    assert [r["step"] for r in got] == [1, 2, 3, 4]
-    assert latest_checkpoint(setup / "run-sigterm" / "checkpoints").name == "step_00000004"
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(setup):
+    # the last rank gets SIGTERM after step 4; the flag is reduced over the world at the end of step 5
+    got = run(setup, "sigterm", 2, ["checkpoint.save_every=100"], sigterm_at=4)
+    assert [r["step"] for r in got] == [1, 2, 3, 4, 5]
+    assert latest_checkpoint(setup / "run-sigterm" / "checkpoints").name == "step_00000005"
 
 
 def test_non_finite_steps_are_skipped_and_then_stop(setup):
@@ -123,3 +124,22 @@ def test_non_finite_steps_are_skipped_and_then_stop(setup):
     with pytest.raises(RuntimeError, match="3 non-finite steps in a row"):
         run(setup, "nan-stop", 1, ["optim.max_nonfinite_in_a_row=3"], nan_steps=(2, 3, 4, 5))
 
+
+
+def test_micro_batches_land_on_the_requested_device():
+    from relaxrec_megatron.training.data import micro_batches
+
+    samples = [{k: torch.full((4,), i) for k in ("tokens", "labels", "loss_mask")} for i in range(8)]
+    got = micro_batches(samples, 0, 8, 2, dp_rank=1, dp_size=2, device="meta")
+    assert len(got) == 2 and all(t.device.type == "meta" for b in got for t in b.values())
+    cpu = micro_batches(samples, 0, 8, 2, dp_rank=1, dp_size=2)
+    assert cpu[0]["tokens"][:, 0].tolist() == [4, 5] and cpu[1]["tokens"][:, 0].tolist() == [6, 7]
+
+
+def test_a_failed_conversion_on_rank_0_fails_every_rank_at_once(setup, tmp_path):
+    # the other ranks wait for rank 0's conversion on a group of their own (long timeout): they must
+    # hear of its failure instead of waiting that timeout out
+    t0 = __import__("time").time()
+    with pytest.raises(RuntimeError, match="not a checkpoint folder"):
+        run(setup, "badsource", 2, [f"model.source={tmp_path}/missing"])
+    assert __import__("time").time() - t0 < 120

@@ -28,7 +28,11 @@ def run(args) -> int:
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
-    from ..training.run import train
+    from ..errors import EXIT_REQUEUE
+    from ..training.run import Preempted, train
 
-    train(cfg)
+    try:
+        train(cfg)
+    except Preempted:  # the checkpoint is complete and the line is printed: exit for a requeue
+        return EXIT_REQUEUE
     return 0

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from megatron.core import tensor_parallel
+from megatron.core.fp8_utils import get_fp8_context
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
 
@@ -52,7 +53,10 @@ class RecursiveDecoder(MegatronModule):
         k, loop = self.settings.plan.shared_index(l), self.settings.plan.loop_index(l)
         for m in self._loop_aware[k]:  # set inside the (re)computed function: recompute sees the same loop
             m.active_loop = loop
-        return self.layers[self.shared_ids.index(k)](hidden, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb)[0]
+        # per unrolled layer (so the first and last can stay bf16), and inside recompute as well
+        with get_fp8_context(self.config, l):
+            return self.layers[self.shared_ids.index(k)](hidden, attention_mask=attention_mask,
+                                                         rotary_pos_emb=rotary_pos_emb)[0]
 
     def forward(self, hidden_states, attention_mask, rotary_pos_emb):
         if self.input_tensor is not None:  # non-first pipeline stage

@@ -14,13 +14,13 @@ import torch.nn.functional as F
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
-from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
+from .attention import FusedCausalAttention
 from .lora_linear import LoraColumnParallelLinear, LoraRowParallelLinear, te_linear_classes
 from .norms import LoopedNorm
 from .settings import RelaxedSettings
@@ -47,7 +47,7 @@ def core_attention_cls(use_te: bool):
         from megatron.core.extensions.transformer_engine import TEDotProductAttention
 
         return TEDotProductAttention
-    return DotProductAttention
+    return FusedCausalAttention
 
 
 def relaxed_layer_spec(s: RelaxedSettings, loops: tuple[int, ...], use_te: bool = False) -> ModuleSpec:

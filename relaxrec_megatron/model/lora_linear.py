@@ -267,6 +267,9 @@ def te_linear_classes():
                      per_loop_bias=False, heads_per_group=0, bias=True, **kwargs):
             super().__init__(input_size, output_size, config=config, init_method=init_method,
                              bias=bias and not per_loop_bias, **kwargs)
+            # megatron's TE wrappers keep only te_return_bias (False here: the base has no bias);
+            # _relax returns the loop's bias the way the caller asked for it
+            self.skip_bias_add = bool(kwargs.get("skip_bias_add", False))
             self._init_lora(input_size, output_size, config, lora_modules, lora_ranks, loops, per_loop_bias, bias,
                             heads_per_group)
 
@@ -282,16 +285,19 @@ def te_linear_classes():
             self._init_lora(input_size, output_size, config, lora_modules, lora_ranks, loops, per_loop_bias, bias)
             self.lora_sp = config.sequence_parallel
             for p in self.lora.lora_B.values():
-                p.relaxrec_tp_sum_grad = False  # B sees the reduced activation here
+                # B multiplies the reduced activation: every rank computes the same term without SP,
+                # and only its own tokens' share under SP (a partial sum over TP then)
+                p.relaxrec_tp_sum_grad = self.lora_sp
 
         def forward(self, x):
             out, bias = super().forward(x)
             if self.lora:
                 key = _key(self.module, self.active_loop)
-                z = reduce_from_tensor_model_parallel_region(torch.matmul(x, self.lora.lora_A[key].t()))
-                if self.lora_sp:  # TE's output is this rank's slice of the sequence
-                    tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-                    z = z.chunk(tp, dim=0)[rank]
+                z = torch.matmul(x, self.lora.lora_A[key].t())  # a partial sum over TP, every token
+                # under SP, TE's output is this rank's slice of the sequence: reduce-scatter z, whose
+                # backward all-gathers, so A's gradient sees every token's gradient, not one slice's
+                z = reduce_scatter_to_sequence_parallel_region(z) if self.lora_sp \
+                    else reduce_from_tensor_model_parallel_region(z)
                 out = out + torch.matmul(z, self.lora.lora_B[key].t())
             if self.loop_bias is not None:
                 if self.te_return_bias:

@@ -92,7 +92,9 @@ def activation(name: str):
     raise UserError(f"activation {name!r} is not supported by the Megatron model")
 
 
-def transformer_config(s: RelaxedSettings, dtype: torch.dtype = torch.float32):
+def transformer_config(s: RelaxedSettings, dtype: torch.dtype = torch.float32, fp8: dict | None = None):
+    """megatron-core's TransformerConfig of the unrolled model; `fp8` adds its FP8 settings
+    (fp8, fp8_recipe, first_last_layers_bf16, ...: training.precision.fp8_settings)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     h = s.hf
@@ -124,4 +126,5 @@ def transformer_config(s: RelaxedSettings, dtype: torch.dtype = torch.float32):
         masked_softmax_fusion=False,
         apply_rope_fusion=False,
         persist_layer_norm=False,
+        **(fp8 or {}),
     )

@@ -32,18 +32,32 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int 
     model_parallel_cuda_manual_seed(seed)
 
 
-def build_model(settings, dtype: torch.dtype = torch.float32, use_te: bool | None = None):
-    """This rank's stage of the relaxed recursive GPT model (parameters on the current device)."""
+def local_device() -> torch.device:
+    """This rank's device: its CUDA device (where NCCL's collectives read their tensors), else the CPU (gloo)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def long_wait_group(timeout_s: float):
+    """A gloo group over the world with its own timeout, for a phase where ranks wait on one rank's
+    work longer than the default group's collective timeout allows (NCCL's is 10 minutes)."""
+    return dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+
+
+def build_model(settings, dtype: torch.dtype = torch.float32, use_te: bool | None = None, fp8: dict | None = None):
+    """This rank's stage of the relaxed recursive GPT model (parameters on the current device);
+    `fp8`: megatron's FP8 settings (training.precision.fp8_settings), which need the TE layers."""
     from megatron.core import parallel_state as ps
 
     from ..model.gpt import RelaxedRecursiveGPTModel
     from ..model.layer import te_available
     from ..model.settings import transformer_config
 
-    config = transformer_config(settings, dtype)
+    config = transformer_config(settings, dtype, fp8)
     model = RelaxedRecursiveGPTModel(
         config, settings, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
-        use_te=te_available() if use_te is None else use_te,
+        use_te=(bool(fp8) or te_available()) if use_te is None else use_te,
     )
     if torch.cuda.is_available():
         model.cuda()

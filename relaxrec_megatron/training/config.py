@@ -37,6 +37,19 @@ class ModelConfig:
     relaxed: str | None = None  # start from this relaxed HF checkpoint instead of converting
     recursion: RecursionConfig = field(default_factory=RecursionConfig)
     dtype: str = "bf16"  # bf16 on GPUs; fp32 on CPU
+    # FP8 GEMMs in the decoder layers (Transformer Engine, Hopper or newer); embedding, LM head and the
+    # teacher stay in model.dtype. The shared layers run once per loop, so the recipe must scale from
+    # the tensor at hand: tensorwise (current scaling), blockwise or mxfp8; delayed is refused.
+    fp8: bool = False
+    fp8_format: str = "hybrid"  # hybrid (E4M3 forward, E5M2 gradients) | e4m3
+    fp8_recipe: str = "tensorwise"
+    fp8_first_last_bf16: bool = False  # keep the first and last unrolled layers in model.dtype
+    # minutes the other ranks wait while rank 0 converts the source (an SVD per matrix and layer);
+    # `relaxrec convert` beforehand plus model.relaxed skips the wait
+    convert_timeout_min: float = 240.0
+
+
+FP8_RECIPES = ("tensorwise", "blockwise", "mxfp8")
 
 
 @dataclass
@@ -123,12 +136,32 @@ class TrainConfig:
     def tokens(self) -> int:
         return self.optim.train_steps * self.optim.global_batch_size * self.data.seq_length
 
+    def _validate_fp8(self) -> None:
+        m = self.model
+        if not m.fp8:
+            return
+        if m.fp8_recipe == "delayed":
+            raise UserError("model.fp8_recipe=delayed keeps one amax history per module, but each shared layer "
+                            "runs once per loop on differently scaled inputs; use tensorwise, blockwise or mxfp8")
+        if m.fp8_recipe not in FP8_RECIPES:
+            raise UserError(f"model.fp8_recipe must be one of {', '.join(FP8_RECIPES)}, got {m.fp8_recipe!r}")
+        if m.fp8_format not in ("hybrid", "e4m3"):
+            raise UserError(f"model.fp8_format must be hybrid or e4m3, got {m.fp8_format!r}")
+        if m.dtype != "bf16":
+            raise UserError(f"model.fp8 trains in FP8 around bf16 weights; set model.dtype=bf16 (got {m.dtype})")
+
     def validate(self, world_size: int | None = None) -> None:
         o, p = self.optim, self.parallel
         if not self.model.source and not self.model.relaxed:
             raise UserError("model.source (or model.relaxed) is required")
         if p.zero_stage not in (0, 1, 2):
             raise UserError(f"parallel.zero_stage must be 0, 1 or 2, got {p.zero_stage}")
+        if self.model.dtype not in ("fp32", "bf16", "fp16"):
+            raise UserError(f"model.dtype must be fp32, bf16 or fp16, got {self.model.dtype!r}")
+        if p.zero_stage == 0 and self.model.dtype != "fp32":
+            raise UserError(f"parallel.zero_stage=0 with model.dtype={self.model.dtype} would update "
+                            f"{self.model.dtype} weights with no fp32 master copy; use zero_stage 1 or 2")
+        self._validate_fp8()
         if p.pp > 1 and p.zero_stage > 1:
             raise UserError("DeepSpeed ZeRO-2 cannot be combined with pipeline parallelism; use zero_stage=1")
         if o.schedule not in ("cosine", "wsd"):

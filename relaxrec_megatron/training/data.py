@@ -46,14 +46,13 @@ def build_datasets(cfg: TrainConfig, tokenizer: TokenizerInfo, train_samples: in
 
 
 def micro_batches(dataset, first_sample: int, global_batch: int, micro_batch: int, dp_rank: int,
-                  dp_size: int) -> list[dict]:
-    """This DP rank's micro-batches of the global batch that starts at `first_sample`."""
+                  dp_size: int, device: torch.device | str = "cpu") -> list[dict]:
+    """This DP rank's micro-batches of the global batch that starts at `first_sample`, on `device`."""
     per_rank = global_batch // dp_size
     start = first_sample + dp_rank * per_rank
     out = []
     for m in range(0, per_rank, micro_batch):
         samples = [dataset[(start + m + i) % len(dataset)] for i in range(micro_batch)]
-        out.append({"tokens": torch.stack([s["tokens"] for s in samples]),
-                    "labels": torch.stack([s["labels"] for s in samples]),
-                    "loss_mask": torch.stack([s["loss_mask"] for s in samples])})
+        out.append({key: torch.stack([s[key] for s in samples]).to(device, non_blocking=True)
+                    for key in ("tokens", "labels", "loss_mask")})
     return out

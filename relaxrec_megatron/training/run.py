@@ -17,6 +17,15 @@ from ..errors import UserError
 from .config import TrainConfig
 
 
+class Preempted(Exception):
+    """The run stopped on a signal after every rank saved the checkpoint of `step`."""
+
+    def __init__(self, signal_name: str, step: int, checkpoint: Path, records: list[dict]):
+        super().__init__(f"stopped by {signal_name} at step {step}: checkpoint {checkpoint} saved; "
+                         "relaunch with checkpoint.resume=auto to continue")
+        self.step, self.checkpoint, self.records = step, checkpoint, records
+
+
 def prepare_checkpoints(cfg: TrainConfig, run_dir: Path) -> tuple[Path, Path | None]:
     """Relaxed student init and (for KD) the teacher as a 1-loop model: the source itself, exactly."""
     from ..hf.convert import RecursionSpec, convert_to_relaxed
@@ -25,8 +34,9 @@ def prepare_checkpoints(cfg: TrainConfig, run_dir: Path) -> tuple[Path, Path | N
     r = cfg.model.recursion
     student = Path(cfg.model.relaxed) if cfg.model.relaxed else run_dir / "init" / "student"
     teacher = run_dir / "init" / "teacher" if cfg.kd.enabled else None
-    dtype = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}[cfg.model.dtype]
-    if dist.get_rank() == 0:
+    dtype = cfg.model.dtype
+
+    def convert() -> None:
         source = resolve_builtin(cfg.model.source) if cfg.model.source else None
         if not cfg.model.relaxed and not (student / "config.json").is_file():
             spec = RecursionSpec(loops=r.loops, strategy=r.strategy, init=r.init, rank=r.rank, lora_init=r.lora_init,
@@ -37,8 +47,28 @@ def prepare_checkpoints(cfg: TrainConfig, run_dir: Path) -> tuple[Path, Path | N
                 raise UserError("kd.enabled needs model.source (the teacher)")
             convert_to_relaxed(source, teacher, RecursionSpec(loops=1, init="lower", rank=0), dtype=dtype,
                                overwrite=True, progress=False)
-    dist.barrier()
+
+    on_rank0(convert, cfg.model.convert_timeout_min * 60, "converting model.source")
     return student, teacher
+
+
+def on_rank0(work, timeout_s: float, what: str) -> None:
+    """`work` on rank 0 while the others wait (on a group with a timeout of its own, not the default
+    group's); a UserError on rank 0 is raised on every rank."""
+    from ..parallel.distributed import long_wait_group
+
+    group = long_wait_group(timeout_s) if dist.get_world_size() > 1 else None
+    error: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            work()
+        except UserError as e:
+            error[0] = str(e)
+    if group is not None:
+        dist.broadcast_object_list(error, src=0, group=group)
+        dist.destroy_process_group(group)
+    if error[0]:
+        raise UserError(error[0] if dist.get_rank() == 0 else f"{what} on rank 0 failed: {error[0]}")
 
 
 def build_data(cfg: TrainConfig, student_dir: Path):
@@ -55,10 +85,12 @@ def build_data(cfg: TrainConfig, student_dir: Path):
 
 
 class Logger:
-    """Console on rank 0, and wandb (offline without WANDB_API_KEY)."""
+    """Console on rank 0, run_dir/metrics.jsonl (every step's record, appended across resumes: the last
+    line of a step wins), and wandb (offline without WANDB_API_KEY)."""
 
     def __init__(self, cfg: TrainConfig, run_dir: Path, recursion: dict):
         self.cfg, self.wandb = cfg, None
+        self.metrics = run_dir / "metrics.jsonl"
         if dist.get_rank() != 0 or cfg.logging.wandb_mode == "disabled":
             return
         mode = cfg.logging.wandb_mode
@@ -73,6 +105,11 @@ class Logger:
                                     resume="allow", id=cfg.run.name.replace("/", "-"))
         except Exception as e:  # logging must never stop a run; say so once
             print(f"[train] wandb disabled: {type(e).__name__}: {e}", flush=True)
+
+    def record(self, rec: dict) -> None:
+        if dist.get_rank() == 0:
+            with self.metrics.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
 
     def log(self, rec: dict, bar=None) -> None:
         if dist.get_rank() != 0:
@@ -94,8 +131,10 @@ class Logger:
 def train(cfg: TrainConfig, stop_after: int | None = None) -> list[dict]:
     """Runs (or resumes) the configured uptraining; `stop_after` ends early (tests: a killed process)."""
     from ..parallel.distributed import init_distributed
-    from .trainer import Trainer, latest_checkpoint
+    from .trainer import StopSignals, Trainer, latest_checkpoint
 
+    signals = StopSignals()
+    signals.install()  # before the slow setup: a preemption notice then still ends in an orderly stop
     init_distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.run.seed)
     cfg.validate(dist.get_world_size())
     run_dir = Path(cfg.run.output_dir)
@@ -105,7 +144,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> list[dict]:
     check_eval_tasks(cfg)
     student_dir, teacher_dir = prepare_checkpoints(cfg, run_dir)
     train_ds, valid_ds = build_data(cfg, student_dir)
-    trainer = Trainer(cfg, student_dir, teacher_dir)
+    trainer = Trainer(cfg, student_dir, teacher_dir, signals)
     trainer.setup(train_ds, valid_ds)
     ckpt_root = run_dir / "checkpoints"
     resume = cfg.checkpoint.resume
@@ -114,15 +153,15 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> list[dict]:
         trainer.load(latest)
         if dist.get_rank() == 0:
             print(f"[train] resumed from {latest} at step {trainer.step}", flush=True)
-    trainer.install_signal_handlers()
     logger = Logger(cfg, run_dir, {k: trainer.settings.hf[k] for k in ("num_loops", "recursion_strategy",
                                                                         "shared_init", "lora_ranks")})
     bar = tqdm(total=cfg.optim.train_steps, initial=trainer.step, unit="step", desc="train",
                disable=dist.get_rank() != 0, dynamic_ncols=True)
     records = []
-    while trainer.step < cfg.optim.train_steps:
+    while trainer.step < cfg.optim.train_steps and not trainer.stop_requested:
         rec = trainer.train_step()
         records.append(rec)
+        logger.record(rec)
         bar.update(1)
         if rec["step"] % cfg.logging.every == 0:
             logger.log(rec, bar if bar.disable is False and cfg.logging.every == 1 else None)
@@ -135,9 +174,15 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> list[dict]:
         done = trainer.step >= cfg.optim.train_steps
         if done or trainer.stop_requested or rec["step"] % cfg.checkpoint.save_every == 0:
             trainer.save(ckpt_root)
-        if trainer.stop_requested or (stop_after is not None and trainer.step >= stop_after):
+        if stop_after is not None and trainer.step >= stop_after:
             break
     bar.close()
+    if trainer.stop_requested:
+        logger.close()
+        stopped = Preempted(signals.received or "a signal to another rank", trainer.step,
+                            latest_checkpoint(ckpt_root), records)
+        tell_launcher(stopped)
+        raise stopped
     if cfg.eval.tasks and trainer.step >= cfg.optim.train_steps and dist.get_rank() == 0:
         step = trainer.step
         del trainer  # the scoring process needs the memory
@@ -204,10 +249,23 @@ def evaluate(trainer, dataset) -> dict:
     with torch.no_grad():
         for b in range(cfg.eval.batches):
             batches = micro_batches(dataset, b * cfg.optim.global_batch_size, cfg.optim.global_batch_size,
-                                    cfg.optim.micro_batch_size, trainer.dp_rank, trainer.dp)
-            losses.append(trainer._loss_step(batches, forward_only=True)[1]["lm_loss"])
+                                    cfg.optim.micro_batch_size, trainer.dp_rank, trainer.dp, trainer.device)
+            losses.append(trainer.eval_loss(batches))
     mean = sum(losses) / len(losses)
     return {"valid_loss": mean, "valid_ppl": float(torch.tensor(mean).exp())}
+
+
+def tell_launcher(stopped: Preempted) -> None:
+    """Each node's local rank 0 leaves the stop in the file its launcher named (torchrun itself
+    only sees the signal it forwarded, not how the workers ended)."""
+    from ..parallel.torchrun import STOP_FILE_ENV
+
+    path = os.environ.get(STOP_FILE_ENV)
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        if path:
+            Path(path).write_text(str(stopped) + "\n")
+        if dist.get_rank() == 0:
+            print(f"[train] {stopped}", flush=True)
 
 
 def train_entry(config_path: str, overrides: list[str], records_path: str | None = None) -> None:

@@ -1,10 +1,12 @@
 """The uptraining loop: megatron-core pipeline schedules for forward/backward, DeepSpeed ZeRO for the
 optimizer state, distillation from the frozen source model, atomic resumable checkpoints.
 
-One step: this rank's micro-batches of the global batch -> schedule (the loss is the mean over the
-micro-batch tokens) -> gradient contracts of the recursive model (parallel.grads) -> non-finite
-check -> DeepSpeed step (ZeRO reduces over DP and updates its shard; it is run with
-managed_gradient_accumulation=false, so step() is the accumulation boundary of the external backward).
+One step: this rank's micro-batches of the global batch, on the model's device -> schedule (the
+loss is the mean over the micro-batch tokens) -> gradient contracts of the recursive model
+(parallel.grads) -> one all-reduce over the world of the losses, a non-finite flag and a stop flag,
+so every rank skips, stops and reports alike, with one host sync -> DeepSpeed step (ZeRO reduces
+over DP and updates its shard; it is run with managed_gradient_accumulation=false, so step() is
+the accumulation boundary of the external backward).
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class MegatronMpu:
 
 
 def deepspeed_config(cfg: TrainConfig, micro_batches: int, dp: int) -> dict:
+    low_precision = cfg.model.dtype in ("bf16", "fp16")
     return {
         "train_batch_size": cfg.optim.global_batch_size,
         "train_micro_batch_size_per_gpu": cfg.optim.micro_batch_size,
@@ -67,16 +70,37 @@ def deepspeed_config(cfg: TrainConfig, micro_batches: int, dp: int) -> dict:
         "zero_optimization": {"stage": cfg.parallel.zero_stage, "overlap_comm": False},
         "bf16": {"enabled": cfg.model.dtype == "bf16"},
         "fp16": {"enabled": cfg.model.dtype == "fp16"},
+        # micro-batch gradients summed in fp32 next to the fp32 master weights, not in bf16
+        **({"data_types": {"grad_accum_dtype": "fp32"}} if low_precision else {}),
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
 
 
+class StopSignals:
+    """SIGTERM and SIGUSR1 (slurm's preemption notice, which the launchers forward): noted when they
+    arrive, acted on at the end of the step by every rank together."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received: str | None = None
+
+    def install(self) -> None:
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._note)
+
+    def _note(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+
+
 class Trainer:
-    def __init__(self, cfg: TrainConfig, student_dir: str | Path, teacher_dir: str | Path | None):
+    def __init__(self, cfg: TrainConfig, student_dir: str | Path, teacher_dir: str | Path | None,
+                 signals: StopSignals | None = None):
         self.cfg = cfg
         self.student_dir, self.teacher_dir = Path(student_dir), teacher_dir and Path(teacher_dir)
-        self.stop_requested = False
+        self.signals = signals or StopSignals()
+        self.stop_requested = False  # agreed by every rank at the end of a step
         self.step = 0
         self.consumed = 0
         self.nonfinite_in_a_row = 0
@@ -93,14 +117,20 @@ class Trainer:
         from ..model.state_adapter import load_canonical
         from ..parallel.distributed import build_model
         from ..parallel.grads import mark_unique_for_norms, shared_layer_groups
+        from ..parallel.distributed import local_device
         from .distill import DistillationModel
 
         cfg, p = self.cfg, self.cfg.parallel
+        self.device = local_device()
         dtype = DTYPES[cfg.model.dtype]
         layout = ParallelLayout(tp=p.tp, pp=p.pp, sequence_parallel=p.sequence_parallel, recompute=p.recompute)
+        from .precision import check_fp8_runtime, fp8_settings
+
+        if cfg.model.fp8:
+            check_fp8_runtime(cfg.model.fp8_recipe)
         reader = CheckpointReader(self.student_dir)
         self.settings = RelaxedSettings(reader.config, layout)
-        student = build_model(self.settings, dtype)
+        student = build_model(self.settings, dtype, fp8=fp8_settings(cfg.model))
         load_canonical(student, self.settings, reader.get)
         self.student = student
         self.groups = shared_layer_groups(self.settings)
@@ -109,7 +139,7 @@ class Trainer:
         if cfg.kd.enabled:
             t_reader = CheckpointReader(self.teacher_dir)
             t_settings = RelaxedSettings(t_reader.config, layout)
-            teacher = build_model(t_settings, dtype)
+            teacher = build_model(t_settings, dtype)  # the reference stays in model.dtype, also under FP8
             load_canonical(teacher, t_settings, t_reader.get)
             model = DistillationModel(student, teacher, cfg.kd.alpha, cfg.kd.temperature)
         self.model = model
@@ -133,8 +163,10 @@ class Trainer:
         self.peak = peak_flops()
 
     # -- one step -------------------------------------------------------------------------------
-    def _loss_step(self, batches: list[dict], forward_only: bool = False) -> tuple[float, dict]:
-        """Runs the schedule; returns (mean loss over tokens, parts) on every rank (broadcast from the last stage)."""
+    def _loss_step(self, batches: list[dict], forward_only: bool = False) -> torch.Tensor:
+        """Runs the schedule; returns this rank's share of (loss, lm_loss, kd_loss) as a device tensor:
+        the means over its micro-batches on the last stage's TP rank 0, zeros on every other rank, so
+        their sum over the world divided by DP is the step's mean."""
         from megatron.core import parallel_state as ps
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -151,6 +183,8 @@ class Trainer:
                 reported.update(lm_loss=(ce * mask).sum() / n, kd_loss=(kl * mask).sum() / n)
             return loss, reported
 
+        if self.cfg.model.fp8:
+            self.student.set_is_first_microbatch()  # TE recasts the updated weights to FP8 once per step
         if self.cfg.parallel.pp == 1:
             stored = []  # no pipeline: DeepSpeed drives each backward (ZeRO-2 reduces gradients per backward)
             for batch in batches:
@@ -168,34 +202,43 @@ class Trainer:
             stored = get_forward_backward_func()(
                 forward_step_func=step, data_iterator=iter(batches), model=[model], num_microbatches=len(batches),
                 seq_length=seq * (2 if kd else 1), micro_batch_size=mbs, forward_only=forward_only)
-        values = torch.zeros(3, dtype=torch.float64)
-        if stored:
-            for rep in stored:
-                values[0] += float(rep["loss"])
-                values[1] += float(rep.get("lm_loss", rep["loss"]))
-                values[2] += float(rep.get("kd_loss", 0.0))
-            values /= len(stored)
-        # from the last stage to every rank of the pipeline, then averaged over DP
-        last = dist.get_process_group_ranks(ps.get_pipeline_model_parallel_group())[-1]
-        dist.broadcast(values, src=last, group=ps.get_pipeline_model_parallel_group())
-        dist.all_reduce(values, group=ps.get_data_parallel_group())
-        values /= self.dp
-        return float(values[0]), {"lm_loss": float(values[1]), "kd_loss": float(values[2])}
+        share = torch.zeros(3, dtype=torch.float64, device=self.device)
+        if stored and ps.get_tensor_model_parallel_rank() == 0:
+            share[0] = torch.stack([r["loss"] for r in stored]).double().mean()
+            share[1] = torch.stack([r.get("lm_loss", r["loss"]) for r in stored]).double().mean()
+            if kd:
+                share[2] = torch.stack([r["kd_loss"] for r in stored]).double().mean()
+        return share
 
-    def _grads_finite(self) -> bool:
-        """Every rank's gradients finite (ZeRO-2 keeps them in DeepSpeed's partitions, others in .grad)."""
+    def _nonfinite(self) -> torch.Tensor:
+        """1.0 where any of this rank's gradients is not finite (ZeRO-2 keeps them in DeepSpeed's
+        partitions, others in .grad), on the device: no host sync."""
         if self.cfg.parallel.zero_stage >= 2:
             groups = (getattr(self.optimizer, "averaged_gradients", None) or {}).values()
             tensors = [t for group in groups if group for t in group if t is not None]
         else:
             tensors = [p.grad for p in self.student.parameters() if p.grad is not None]
-        bad = torch.zeros(1)
-        for t in tensors:
-            if not torch.isfinite(t).all():
-                bad += 1
-                break
-        dist.all_reduce(bad)  # over the world: skip everywhere or nowhere
-        return float(bad) == 0
+        if not tensors:
+            return torch.zeros((), dtype=torch.float64, device=self.device)
+        finite = torch.stack([torch.isfinite(t).all() for t in tensors]).all()
+        return (~finite).to(device=self.device, dtype=torch.float64)
+
+    def _agree(self, share: torch.Tensor, nonfinite: torch.Tensor | None = None) -> dict:
+        """The one collective and host sync of a step: sums over the world of the loss shares, the
+        non-finite flags and the stop flags, so every rank reports, skips and stops alike."""
+        flags = torch.stack([torch.zeros((), dtype=torch.float64, device=self.device) if nonfinite is None
+                             else nonfinite.to(self.device, torch.float64),
+                             torch.tensor(float(self.signals.received is not None), dtype=torch.float64,
+                                          device=self.device)])
+        values = torch.cat([share, flags])
+        dist.all_reduce(values)
+        loss, lm, kd, bad, stop = values.tolist()
+        return {"loss": loss / self.dp, "lm_loss": lm / self.dp, "kd_loss": kd / self.dp,
+                "finite": bad == 0 and math.isfinite(loss), "stop": stop > 0}
+
+    def eval_loss(self, batches: list[dict]) -> float:
+        """Mean LM loss of one global batch, no gradients."""
+        return self._agree(self._loss_step(batches, forward_only=True))["lm_loss"]
 
     def train_step(self) -> dict:
         from ..parallel.grads import finalize_grads
@@ -207,11 +250,15 @@ class Trainer:
             group["lr"] = lr
         self.model.train()
         batches = micro_batches(self.train_dataset, self.consumed, cfg.optim.global_batch_size,
-                                cfg.optim.micro_batch_size, self.dp_rank, self.dp)
+                                cfg.optim.micro_batch_size, self.dp_rank, self.dp, self.device)
         t0 = time.perf_counter()
-        loss, parts = self._loss_step(batches)
+        share = self._loss_step(batches)
         finalize_grads(self.student, self.settings, self.groups)
-        finite = self._grads_finite() and math.isfinite(loss)
+        agreed = self._agree(share, self._nonfinite())
+        finite, loss = agreed["finite"], agreed["loss"]
+        parts = {"lm_loss": agreed["lm_loss"], "kd_loss": agreed["kd_loss"]}
+        if agreed["stop"]:
+            self.stop_requested = True
         grad_norm = float("nan")
         if finite:
             self.engine.step()
@@ -264,8 +311,7 @@ class Trainer:
                                     exclude_frozen_parameters=True)
         state = {"step": self.step, "consumed": self.consumed, "skipped": self.skipped,
                  "nonfinite_in_a_row": self.nonfinite_in_a_row, "config": asdict(self.cfg)}
-        torch.save({"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()
-                    if torch.cuda.is_available() else None}, folder / f"rng_rank{dist.get_rank()}.pt")
+        torch.save(rng_state(), folder / f"rng_rank{dist.get_rank()}.pt")
         dist.barrier()
         if dist.get_rank() == 0:
             (folder / "trainer_state.json").write_text(json.dumps(state, indent=1, default=str))
@@ -290,16 +336,27 @@ class Trainer:
         state = json.loads((folder / "trainer_state.json").read_text())
         self.step, self.consumed = state["step"], state["consumed"]
         self.skipped, self.nonfinite_in_a_row = state["skipped"], state["nonfinite_in_a_row"]
-        rng = torch.load(folder / f"rng_rank{dist.get_rank()}.pt", weights_only=False)
-        torch.set_rng_state(rng["torch"])
+        set_rng_state(torch.load(folder / f"rng_rank{dist.get_rank()}.pt", weights_only=True))
 
-    # -- signals --------------------------------------------------------------------------------
-    def install_signal_handlers(self) -> None:
-        """SIGTERM / SIGUSR1 (slurm preemption): finish the step, save, exit."""
-        def handler(signum, frame):
-            self.stop_requested = True
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, handler)
+
+def rng_state() -> dict:
+    """This rank's random state: CPU, its CUDA device, and megatron's model-parallel tracker (the
+    per-TP-rank streams of dropout and initialisation). Tensors only, so loading runs no pickled code."""
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            "tracker": get_cuda_rng_tracker().get_states()}
+
+
+def set_rng_state(state: dict) -> None:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    if state.get("tracker"):
+        get_cuda_rng_tracker().set_states(dict(state["tracker"]))
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
