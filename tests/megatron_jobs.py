@@ -104,7 +104,7 @@ def kd_job(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, a
 
 
 def train_job(config_path: str, overrides: list[str], out_path: str, stop_after=None, nan_steps=(),
-              crash_in_save_at=None, sigterm_at=None) -> None:
+              crash_in_save_at=None, sigterm_at=None, grad_probe=False) -> None:
     """Runs `relaxrec train` in this world; saves the per-step records and optimizer-state bytes.
     nan_steps: poison the gradients at these steps; crash_in_save_at: die half-way through that step's save."""
     import os
@@ -143,6 +143,21 @@ def train_job(config_path: str, overrides: list[str], out_path: str, stop_after=
             os.kill(os.getpid(), signal.SIGTERM)  # to one rank only: every rank must still stop with it
         return rec
 
+    if grad_probe:  # where each parameter's gradient is when the gradient contracts run
+        from relaxrec_megatron.parallel import grads
+
+        real_finalize, seen = grads.finalize_grads, []
+
+        def probing(model, settings, groups):
+            params = [p for p in model.parameters() if p.requires_grad]
+            seen.append({"params": len(params), "in_grad": sum(p.grad is not None for p in params),
+                         "in_fp32_buffer": sum(getattr(p, "_hp_grad", None) is not None
+                                               and grads.accumulated_grad(p) is p._hp_grad
+                                               and p._hp_grad.dtype == torch.float32 for p in params)})
+            torch.save(seen, f"{out_path}.grads.rank{dist.get_rank()}.pt")
+            return real_finalize(model, settings, groups)
+
+        grads.finalize_grads = probing
     trainer_mod.Trainer._loss_step, trainer_mod.Trainer.save = poisoned, crashing_save
     trainer_mod.Trainer.train_step = step_then_signal
     import torch.distributed as dist

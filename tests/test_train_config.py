@@ -49,6 +49,8 @@ def test_validation_catches_layout_errors():
     cfg = load_config(CONFIGS[0], ["parallel.pp=2", "parallel.zero_stage=2"])
     with pytest.raises(UserError, match="ZeRO-2 cannot be combined with pipeline"):
         cfg.validate()
+    with pytest.raises(UserError, match="ZeRO-2 cannot be combined with tensor parallelism"):
+        load_config(CONFIGS[0], ["parallel.tp=2", "parallel.zero_stage=2"]).validate()
     cfg = load_config(CONFIGS[0], ["optim.global_batch_size=10", "optim.micro_batch_size=4"])
     with pytest.raises(UserError, match="not a multiple of micro_batch_size"):
         cfg.validate(world_size=2)

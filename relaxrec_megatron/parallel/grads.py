@@ -41,15 +41,20 @@ def shared_layer_groups(settings) -> dict[int, object]:
             if len(settings.stages_holding(k)) > 1 and tuple(settings.stages_holding(k)) in mine}
 
 
-def _grad(p: torch.nn.Parameter) -> torch.Tensor | None:
-    g = getattr(p, "main_grad", None)
-    return g if g is not None else p.grad
+def accumulated_grad(p: torch.nn.Parameter) -> torch.Tensor | None:
+    """Where the optimizer reads p's gradient: megatron's fp32 main_grad, DeepSpeed BF16_Optimizer's
+    fp32 buffer (`_hp_grad`, filled as gradients arrive with immediate_grad_update), else .grad."""
+    for attr in ("main_grad", "_hp_grad"):
+        g = getattr(p, attr, None)
+        if g is not None:
+            return g
+    return p.grad
 
 
 def finalize_grads(model, settings, groups: dict[int, object]) -> None:
     tp_parallel = ps.get_tensor_model_parallel_world_size() > 1
     for name, p in model.named_parameters():
-        g = _grad(p)
+        g = accumulated_grad(p)
         if g is None:
             continue
         m = re.match(r"decoder\.layers\.(\d+)\.", name)
@@ -63,7 +68,7 @@ def finalize_grads(model, settings, groups: dict[int, object]) -> None:
     if settings.tie_word_embeddings and ps.get_pipeline_model_parallel_world_size() > 1 \
             and (model.pre_process or model.post_process):
         w = model.shared_embedding_or_output_weight()
-        g = _grad(w)
+        g = accumulated_grad(w)
         if g is not None:
             dist.all_reduce(g, group=ps.get_embedding_group())
 

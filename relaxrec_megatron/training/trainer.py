@@ -68,7 +68,9 @@ def deepspeed_config(cfg: TrainConfig, micro_batches: int, dp: int) -> dict:
         "managed_gradient_accumulation": False,
         "gradient_clipping": cfg.optim.clip_grad,
         "zero_optimization": {"stage": cfg.parallel.zero_stage, "overlap_comm": False},
-        "bf16": {"enabled": cfg.model.dtype == "bf16"},
+        # bf16 + ZeRO-1 + fp32 accumulation is DeepSpeed's BF16_Optimizer: immediate_grad_update moves
+        # each gradient into its fp32 buffer as autograd produces it, whichever schedule runs backward
+        "bf16": {"enabled": cfg.model.dtype == "bf16", "immediate_grad_update": cfg.model.dtype == "bf16"},
         "fp16": {"enabled": cfg.model.dtype == "fp16"},
         # micro-batch gradients summed in fp32 next to the fp32 master weights, not in bf16
         **({"data_types": {"grad_accum_dtype": "fp32"}} if low_precision else {}),
@@ -212,12 +214,14 @@ class Trainer:
 
     def _nonfinite(self) -> torch.Tensor:
         """1.0 where any of this rank's gradients is not finite (ZeRO-2 keeps them in DeepSpeed's
-        partitions, others in .grad), on the device: no host sync."""
+        partitions, bf16 ZeRO-1 in its fp32 buffers, others in .grad), on the device: no host sync."""
+        from ..parallel.grads import accumulated_grad
+
         if self.cfg.parallel.zero_stage >= 2:
             groups = (getattr(self.optimizer, "averaged_gradients", None) or {}).values()
             tensors = [t for group in groups if group for t in group if t is not None]
         else:
-            tensors = [p.grad for p in self.student.parameters() if p.grad is not None]
+            tensors = [g for g in map(accumulated_grad, self.student.parameters()) if g is not None]
         if not tensors:
             return torch.zeros((), dtype=torch.float64, device=self.device)
         finite = torch.stack([torch.isfinite(t).all() for t in tensors]).all()
