@@ -85,10 +85,9 @@ def load_job(relaxed_dir: str, tp: int, pp: int, ckpt_dir: str, tokens: torch.Te
 
 
 def kd_job(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, alpha: float, temperature: float,
-           tp: int, out_dir: str) -> None:
+           tp: int, out_dir: str, chunk_tokens: int) -> None:
     """Vocab-parallel KD loss on this rank's vocabulary shard; saves loss and the logits' gradient shard."""
     from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     from relaxrec_megatron.parallel.distributed import init_distributed
     from relaxrec_megatron.training.kd import distillation_loss
@@ -97,10 +96,10 @@ def kd_job(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, a
     rank = ps.get_tensor_model_parallel_rank()
     s = student.chunk(tp, dim=-1)[rank].clone().requires_grad_(True)
     t = teacher.chunk(tp, dim=-1)[rank]
-    ce = vocab_parallel_cross_entropy(s.clone(), labels)  # megatron shifts its input in place
-    loss, kl = distillation_loss(s, t, ce, alpha, temperature, ps.get_tensor_model_parallel_group())
-    loss.sum().backward()
-    torch.save({"loss": loss.detach(), "kl": kl.detach(), "grad": s.grad}, Path(out_dir) / f"kd{rank}.pt")
+    loss, ce, kl = distillation_loss(s, t, labels, alpha, temperature, ps.get_tensor_model_parallel_group(),
+                                     chunk_bytes=chunk_tokens * 4 * s.shape[-1])
+    (loss * torch.linspace(0.5, 1.5, loss.numel()).view_as(loss)).sum().backward()  # per-token upstream grads
+    torch.save({"loss": loss.detach(), "ce": ce, "kl": kl, "grad": s.grad}, Path(out_dir) / f"kd{rank}.pt")
 
 
 def train_job(config_path: str, overrides: list[str], out_path: str, stop_after=None, nan_steps=(),

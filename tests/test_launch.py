@@ -246,3 +246,13 @@ def test_torchrun_wrapper_multi_node_from_env():
     bad = subprocess.run(["bash", str(ROOT / "launch" / "torchrun.sh"), "/nonexistent.yaml"], capture_output=True,
                          text=True, timeout=60)
     assert bad.returncode == 2 and "no such config" in bad.stderr
+
+
+def test_gpu_requirements_are_pyprojects_dependencies_beyond_torch():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    want = [d for d in project["dependencies"] if not d.startswith("torch")] + project["optional-dependencies"]["te"]
+    got = [ln for ln in (ROOT / "tools" / "gpu_requirements.txt").read_text().splitlines()
+           if ln.strip() and not ln.startswith("#")]
+    assert got == want

@@ -292,7 +292,7 @@ def test_a_row_left_out_max_wait_steps_runs_next(served):
     _, w, _, _, _ = served["llama-relaxed-2"]
     engine = Engine(w, mode="cdb", max_batch=8, max_len=64)
     ids = torch.tensor([1])
-    rows = [Row(Request([1], 4, id=i), i, ids, ids, loop=1) for i in range(7)] + [Row(Request([1], 4), 7, ids, ids)]
+    rows = [Row(Request([1], 4, id=i), i, ids, [1], loop=1) for i in range(7)] + [Row(Request([1], 4), 7, ids, [1])]
     assert engine._loops_to_run(rows) == {1}
     rows[-1].waited = max_wait(w.num_loops)
     assert engine._loops_to_run(rows) == {0, 1}

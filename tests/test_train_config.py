@@ -89,7 +89,8 @@ def test_deepspeed_accumulates_low_precision_gradients_in_fp32():
     from relaxrec_megatron.training.trainer import deepspeed_config
 
     bf16 = deepspeed_config(load_config(GEMMA, ["model.dtype=bf16"]), micro_batches=4, dp=2)
-    assert bf16["bf16"] == {"enabled": True} and bf16["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert bf16["bf16"] == {"enabled": True, "immediate_grad_update": True}
+    assert bf16["data_types"] == {"grad_accum_dtype": "fp32"}
     assert "data_types" not in deepspeed_config(load_config(GEMMA, ["model.dtype=fp32"]), 4, 2)
 
 

@@ -1,12 +1,16 @@
 #!/usr/bin/env python
-"""GPU check of the Transformer Engine path (needs CUDA and transformer-engine; about a minute).
+"""One GPU check of the training path (one GPU, about 5 minutes): one line per check.
 
-Builds a small relaxed recursive model twice from the same weights, with the local spec and the TE
-spec, runs forward+backward in bf16 and in FP8 (current scaling: correct when one module runs
-several times per step, unlike delayed scaling), compares logits and gradients against the local
-bf16 model, and prints step times.
+  train bf16     the real trainer (`relaxrec train`'s loop: DeepSpeed BF16_Optimizer, KD from the
+                 full model) on a Gemma-2B-shaped model with fewer layers and random weights:
+                 tokens/s, TFLOP/s per GPU, MFU, peak memory
+  train vanilla  the same trainer on the source itself (1 loop, no LoRA): relaxed/vanilla step time
+  train fp8      model.fp8 (tensorwise current scaling) against the bf16 run: loss agreement, speed
+  te layers      the TE layer spec against the local spec on the same weights (bf16, FP8)
 
-    python tools/gpu_check.py [--hidden 1024] [--layers 8] [--rank 64] [--seq 1024] [--batch 4]
+FP8 lines say `skip` without Transformer Engine. Dependencies beyond torch: tools/gpu_requirements.txt.
+
+    python tools/gpu_check.py [--layers 4] [--seq 2048] [--steps 10]
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ import argparse
 import os
 import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -27,31 +33,140 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hidden", type=int, default=1024)
-    p.add_argument("--ffn", type=int, default=2816)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--loops", type=int, default=2)
-    p.add_argument("--rank", type=int, default=64)
-    p.add_argument("--vocab", type=int, default=32768)
-    p.add_argument("--seq", type=int, default=1024)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--iters", type=int, default=10)
-    a = p.parse_args()
-    if not torch.cuda.is_available():
-        print("gpu_check: no CUDA device; run this on a GPU machine", file=sys.stderr)
-        return 2
-    import transformer_engine.pytorch as te
-    from transformer_engine.common import recipe
+def line(check: str, status: str, details: str) -> None:
+    print(f"{check:<14} {status:<6} {details}", flush=True)
 
+
+def init_world() -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    from relaxrec_megatron.parallel.distributed import build_model, free_port, init_distributed
+    from relaxrec_megatron.parallel.distributed import free_port, init_distributed
 
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     init_distributed(1, 1)
+
+
+def te_installed() -> bool:
+    from relaxrec_megatron.model.layer import te_available
+
+    return te_available()
+
+
+GEMMA_2B = dict(vocab_size=256000, hidden_size=2048, intermediate_size=16384, num_attention_heads=8,
+                num_key_value_heads=1, head_dim=256)
+TINY = dict(vocab_size=4096, hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=1,
+            head_dim=64)  # --tiny: the same checks' code paths in a minute, on any machine
+
+
+def gemma_shaped_source(folder: Path, layers: int, widths: dict) -> Path:
+    """Gemma's architecture at `widths` (default Gemma 2B's: hidden 2048, MQA with 8 heads of 256,
+    GeGLU 16384, 256K vocabulary) and `layers` layers, random weights, in bf16."""
+    from transformers import AutoModelForCausalLM, GemmaConfig
+
+    cfg = GemmaConfig(**widths, num_hidden_layers=layers, max_position_embeddings=8192,
+                      hidden_activation="gelu_pytorch_tanh", eos_token_id=1, bos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).save_pretrained(folder)
+    return folder
+
+
+def random_tokens(prefix: Path, vocab: int, docs: int, length: int) -> Path:
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.int32)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(docs):
+        doc = torch.randint(3, vocab, (length,), generator=g).tolist() + [1]
+        builder.add_document(torch.tensor(doc), [len(doc)])
+    builder.finalize(f"{prefix}.idx")
+    return prefix
+
+
+def check_training(a) -> bool:
+    """bf16 relaxed (KD), vanilla, and FP8 runs of the real trainer, one spawned process each."""
+    from relaxrec_megatron.parallel.local_world import run_world
+    from relaxrec_megatron.training.run import train_entry
+
+    root = Path(tempfile.mkdtemp(prefix="gpu_check_"))
+    widths = TINY if a.tiny else GEMMA_2B
+    source = gemma_shaped_source(root / "src", a.layers, widths)
+    data = random_tokens(root / "data", widths["vocab_size"], docs=400, length=a.seq * 2)
+    (root / "c.yaml").write_text(f"""
+run: {{name: gpu-check, output_dir: {root}/run, seed: 1}}
+model: {{source: {source}, recursion: {{loops: 2, init: average, rank: {a.rank}}}, dtype: bf16}}
+parallel: {{tp: 1, pp: 1, recompute: true, zero_stage: 1}}
+data: {{blend: [1.0, {data}], split: "99,1,0", seq_length: {a.seq}}}
+optim: {{global_batch_size: {2 * a.micro}, micro_batch_size: {a.micro}, train_steps: {a.steps}, lr: 1.0e-5,
+        warmup_steps: 1}}
+kd: {{enabled: true}}
+checkpoint: {{save_every: 100000, resume: none}}
+eval: {{every: 0}}
+logging: {{every: 1000, wandb_mode: disabled}}
+""")
+
+    def train(name: str, overrides: list[str]) -> list[dict]:
+        out = root / name
+        run_world(train_entry, 1, str(root / "c.yaml"), [f"run.output_dir={root}/run-{name}", *overrides], str(out),
+                  timeout=900)
+        return torch.load(f"{out}.rank0.pt", weights_only=False)
+
+    def summary(recs: list[dict]) -> dict:  # TFLOP/s, MFU and memory are recorded on CUDA only
+        warm = recs[2:] or recs
+        nan = float("nan")
+        return {k: statistics.median(r.get(k, nan) for r in warm) for k in ("tokens_per_s", "tflops_per_gpu",
+                                                                            "seconds", "mfu")} | \
+            {"memory_gb": max(r.get("memory_gb", nan) for r in recs)}
+
+    ok = True
+    shape = (f"{'tiny' if a.tiny else 'Gemma-2B'} widths, {a.layers} layers -> {a.layers // 2} x 2 loops, "
+             f"rank {a.rank}, seq {a.seq}")
+    try:
+        relaxed = train("bf16", [])
+        s = summary(relaxed)
+        good = all(r["finite"] for r in relaxed)
+        ok &= good
+        line("train bf16", "ok" if good else "FAILED",
+             f"{s['tokens_per_s']:.0f} tok/s, {s['tflops_per_gpu']:.1f} TFLOP/s, MFU {s['mfu']:.1%}, "
+             f"peak {s['memory_gb']:.1f} GB, loss {relaxed[0]['loss']:.3f} -> {relaxed[-1]['loss']:.3f} ({shape}, KD)")
+    except Exception as e:
+        line("train bf16", "FAILED", f"{type(e).__name__}: {str(e).splitlines()[-1][:300]}")
+        return False
+    try:
+        vanilla = summary(train("vanilla", ["model.recursion.loops=1", "model.recursion.rank=0", "kd.enabled=false"]))
+        no_kd = summary(train("bf16-nokd", ["kd.enabled=false"]))
+        line("train vanilla", "ok", f"{vanilla['tokens_per_s']:.0f} tok/s; relaxed/vanilla step time "
+             f"{no_kd['seconds'] / vanilla['seconds']:.3f} (both without KD), KD costs "
+             f"{s['seconds'] / no_kd['seconds'] - 1:+.0%}")
+    except Exception as e:
+        ok = False
+        line("train vanilla", "FAILED", f"{type(e).__name__}: {str(e).splitlines()[-1][:300]}")
+    if not te_installed():
+        line("train fp8", "skip", "Transformer Engine is not installed (pip install -r tools/gpu_requirements.txt)")
+        return ok
+    try:
+        fp8 = train("fp8", ["model.fp8=true", "model.fp8_first_last_bf16=true"])
+        f = summary(fp8)
+        drift = max(abs(x["loss"] - y["loss"]) / abs(y["loss"]) for x, y in zip(fp8, relaxed))
+        good = drift <= 2e-2 and all(r["finite"] for r in fp8)
+        ok &= good
+        line("train fp8", "ok" if good else "FAILED",
+             f"{f['tokens_per_s']:.0f} tok/s ({f['tokens_per_s'] / s['tokens_per_s']:.2f}x bf16), "
+             f"peak {f['memory_gb']:.1f} GB, loss within {drift:.1e} of bf16 over {len(fp8)} steps (tol 2e-2)")
+    except Exception as e:
+        ok = False
+        line("train fp8", "FAILED", f"{type(e).__name__}: {str(e).splitlines()[-1][:300]}")
+    return ok
+
+
+def check_te_layers(a) -> bool:
+    """The TE spec against the local spec on the same weights: bf16, and FP8 with current scaling."""
+    import transformer_engine.pytorch as te
+    from transformer_engine.common import recipe
+
+    init_world()
     from relaxrec_megatron.model.settings import RelaxedSettings
     from relaxrec_megatron.model.state_adapter import local_shard, pieces, set_local_shard
+    from relaxrec_megatron.parallel.distributed import build_model
 
     settings = RelaxedSettings(settings_dict(a))
     torch.manual_seed(0)
@@ -94,14 +209,14 @@ def main() -> int:
 
     ok = True
     ref_logits, ref_grads = step(local, False)
-    runs = [("TE bf16", te_model, False, 2e-2)]
+    shape = (f"hidden {a.hidden}, {a.layers} unrolled = {a.layers // a.loops} x {a.loops} loops, LoRA rank "
+             f"{a.rank}, batch {a.batch} x seq {a.seq}")
+    reference = timed(local, False)
+    runs = [("te bf16", te_model, False, 2e-2)]
     if fp8 is None:
-        print("FP8: this Transformer Engine has no Float8CurrentScaling recipe; FP8 check skipped (needs TE >= 2.2)")
+        line("te fp8", "skip", "this Transformer Engine has no Float8CurrentScaling recipe (needs TE >= 2.2)")
     else:
-        runs.append(("TE fp8 (current scaling)", te_model, True, 1e-1))
-    print(f"{torch.cuda.get_device_name()}: hidden {a.hidden}, {a.layers} unrolled = {a.layers // a.loops} x "
-          f"{a.loops} loops, LoRA rank {a.rank}, batch {a.batch} x seq {a.seq}")
-    print(f"  local bf16                 step {timed(local, False) * 1e3:8.2f} ms   (reference)")
+        runs.append(("te fp8", te_model, True, 1e-1))
     for label, model, use_fp8, tol in runs:
         try:
             logits, grads = step(model, use_fp8)
@@ -109,11 +224,46 @@ def main() -> int:
             grad_err = max(rel(grads[k], ref_grads[k]) for k in ref_grads)
             good = logit_err <= tol and grad_err <= 5 * tol
             ok &= good
-            print(f"  {label:<26} step {timed(model, use_fp8) * 1e3:8.2f} ms   logits rel err {logit_err:.2e}, "
-                  f"worst grad rel err {grad_err:.2e} (tol {tol:g}/{5 * tol:g}) {'ok' if good else 'FAILED'}")
+            line(label, "ok" if good else "FAILED",
+                 f"step {timed(model, use_fp8) * 1e3:.2f} ms vs local bf16 {reference * 1e3:.2f} ms; logits rel err "
+                 f"{logit_err:.2e}, worst grad rel err {grad_err:.2e} (tol {tol:g}/{5 * tol:g}); {shape}")
         except Exception as e:  # report and go on to the next variant
             ok = False
-            print(f"  {label:<26} FAILED: {type(e).__name__}: {e}")
+            line(label, "FAILED", f"{type(e).__name__}: {e}")
+    return ok
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=4, help="layers of the Gemma-shaped training model")
+    p.add_argument("--rank", type=int, default=128, help="LoRA rank of the training model")
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--micro", type=int, default=2, help="micro-batch size (2 micro-batches per step)")
+    p.add_argument("--steps", type=int, default=10)
+    # the TE layer check's model
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--ffn", type=int, default=2816)
+    p.add_argument("--te-layers", dest="te_layers", type=int, default=8)
+    p.add_argument("--loops", type=int, default=2)
+    p.add_argument("--vocab", type=int, default=32768)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--tiny", action="store_true", help="small widths and sequence: a smoke run, also on a CPU")
+    if a.tiny:
+        a.seq, a.rank = min(a.seq, 128), min(a.rank, 16)
+    elif not torch.cuda.is_available():
+        print("gpu_check: no CUDA device; run this on a GPU machine (or --tiny for a smoke run)", file=sys.stderr)
+        return 2
+    t0 = time.time()
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    print(f"{device}, torch {torch.__version__}, "
+          f"Transformer Engine {'installed' if te_installed() else 'not installed'}", flush=True)
+    ok = check_training(a)
+    if te_installed():
+        ok &= check_te_layers(argparse.Namespace(**{**vars(a), "layers": a.te_layers, "rank": 64}))
+    else:
+        line("te layers", "skip", "Transformer Engine is not installed")
+    print(f"gpu_check: {'all ok' if ok else 'FAILED'} in {time.time() - t0:.0f} s", flush=True)
     return 0 if ok else 1
 
 

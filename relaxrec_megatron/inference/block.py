@@ -34,6 +34,9 @@ from .weights import EngineWeights, LayerW, NormW, Projection
 
 @dataclass
 class TokenBatch:
+    """The step's tokens on the device, and their loops and positions on the host as well, so the
+    block's bookkeeping (loop segments, the KV span) never waits for the device."""
+
     slot: torch.Tensor  # (T,)
     loop: torch.Tensor  # (T,)
     pos: torch.Tensor  # (T,)
@@ -41,19 +44,24 @@ class TokenBatch:
     sin: torch.Tensor
     num_loops: int
     rows: int  # the first `rows` tokens run the layer; the rest only write K/V (see the module docstring)
+    loops: tuple[int, ...]  # host copies of loop and pos
+    positions: tuple[int, ...]
 
     @classmethod
-    def build(cls, slot, loop, pos, inv_freq: torch.Tensor, num_loops: int, rows: int | None = None,
-              attention_scaling: float = 1.0) -> "TokenBatch":
-        freqs = pos[:, None].float() * inv_freq[None, :].float()
+    def build(cls, slot: list[int], loop: list[int], pos: list[int], inv_freq: torch.Tensor, num_loops: int,
+              rows: int | None = None, attention_scaling: float = 1.0) -> "TokenBatch":
+        """From host lists: one upload for the step."""
+        ids = torch.tensor([slot, loop, pos], device=inv_freq.device)
+        freqs = ids[2][:, None].float() * inv_freq[None, :].float()
         emb = torch.cat((freqs, freqs), dim=-1)
-        rows = slot.numel() if rows is None else rows
-        return cls(slot, loop, pos, emb.cos() * attention_scaling, emb.sin() * attention_scaling, num_loops, rows)
+        rows = len(slot) if rows is None else rows
+        return cls(ids[0], ids[1], ids[2], emb.cos() * attention_scaling, emb.sin() * attention_scaling, num_loops,
+                   rows, tuple(loop), tuple(pos))
 
     @cached_property
     def segments(self) -> list[tuple[int, int, int]]:
         """(loop, start, end) for each run of consecutive tokens at one loop."""
-        loops, out, start = self.loop.tolist(), [], 0
+        loops, out, start = self.loops, [], 0
         for i in range(1, len(loops) + 1):
             if i == len(loops) or loops[i] != loops[start]:
                 out.append((loops[start], start, i))
@@ -78,7 +86,8 @@ class TokenBatch:
         if self.rows == self.slot.numel():
             return self
         n = self.rows
-        return TokenBatch(self.slot[:n], self.loop[:n], self.pos[:n], self.cos[:n], self.sin[:n], self.num_loops, n)
+        return TokenBatch(self.slot[:n], self.loop[:n], self.pos[:n], self.cos[:n], self.sin[:n], self.num_loops, n,
+                          self.loops[:n], self.positions[:n])
 
 
 MASKED_MAX_TOKENS = 48

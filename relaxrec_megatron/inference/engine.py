@@ -77,8 +77,8 @@ class KVFill:
 class Row:
     req: Request
     slot: int
-    tokens: torch.Tensor  # (n,)
-    pos: torch.Tensor  # (n,)
+    tokens: torch.Tensor  # (n,), on the device
+    pos: list[int]  # (n,) positions, on the host
     loop: int = 0
     hidden: torch.Tensor | None = None  # (n, h), carried between loops
     prefill: bool = False
@@ -144,9 +144,8 @@ class Engine:
             while admit and waiting and waiting[0].arrival_step <= step and self.cache.free:
                 req = waiting.pop(0)
                 req.t_arrival = step_start[req.arrival_step]  # latency counts queueing time too
-                n = len(req.prompt)
-                pos = torch.arange(n, device=self.device)
-                rows.append(Row(req, self.cache.allocate(), self._ids(req.prompt), pos, prefill=True))
+                rows.append(Row(req, self.cache.allocate(), self._ids(req.prompt), list(range(len(req.prompt))),
+                                prefill=True))
             if rows:
                 rows = self._step(rows, stats, t0, on_token)
             step += 1
@@ -216,7 +215,7 @@ class Engine:
                 h = w.embed[r.tokens]
                 r.hidden = h * torch.tensor(self.multiplier, dtype=h.dtype) if self.multiplier != 1.0 else h
         rows = sorted(rows, key=lambda r: r.loop)  # each loop's tokens contiguous (block.project)
-        sizes = [r.tokens.numel() for r in rows]
+        sizes = [len(r.pos) for r in rows]
         fills = self._take_fills(everyone, {r.loop for r in rows})
         hidden = torch.cat([r.hidden for r in rows])
         tb = self._token_batch(rows, fills)
@@ -238,11 +237,10 @@ class Engine:
         return sorted(taken, key=lambda t: t[2])
 
     def _token_batch(self, rows: list[Row], fills: list[tuple[int, KVFill, int]]) -> TokenBatch:
-        slot = [r.slot for r in rows for _ in range(r.tokens.numel())] + [s for s, _, _ in fills]
-        loop = [r.loop for r in rows for _ in range(r.tokens.numel())] + [b for _, _, b in fills]
-        pos = torch.cat([r.pos for r in rows] + ([self._ids([f.pos for _, f, _ in fills])] if fills else []))
-        return TokenBatch.build(self._ids(slot), self._ids(loop), pos, self.w.inv_freq, self.B,
-                                rows=len(slot) - len(fills))
+        slot = [r.slot for r in rows for _ in r.pos] + [s for s, _, _ in fills]
+        loop = [r.loop for r in rows for _ in r.pos] + [b for _, _, b in fills]
+        pos = [p for r in rows for p in r.pos] + [f.pos for _, f, _ in fills]
+        return TokenBatch.build(slot, loop, pos, self.w.inv_freq, self.B, rows=len(slot) - len(fills))
 
     def _ids(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, device=self.device)
@@ -266,7 +264,7 @@ class Engine:
         requests continue at loop 0, owing the K/V fills of the loops an early exit skipped."""
         if not finished:
             return []
-        carry = []
+        carry, next_tokens = [], []
         now = time.perf_counter() - t0
         for r, tok in zip(finished, tokens):
             req = r.req
@@ -283,10 +281,14 @@ class Engine:
                 req.t_done = now
                 self.cache.release(r.slot)
             else:
-                p = int(r.pos[-1])
+                p = r.pos[-1]
                 skipped = list(range(r.loop + 1, self.B))
                 fills = r.fills + ([KVFill(r.hidden[-1], p, skipped)] if skipped else [])
-                carry.append(Row(req, r.slot, self._ids([tok]), self._ids([p + 1]), fills=fills))
+                carry.append(Row(req, r.slot, None, [p + 1], fills=fills))
+                next_tokens.append(tok)
+        if carry:  # one upload for every row's next token
+            for r, ids in zip(carry, self._ids(next_tokens).split(1)):
+                r.tokens = ids
         return carry
 
 

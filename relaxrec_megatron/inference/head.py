@@ -192,4 +192,5 @@ class LMHead:
             tokens, exit_ = exits_from_logits(self.logits(hidden), kind, threshold, decide)
         else:
             tokens, exit_ = self.screened.exits(self._normed(hidden), kind, threshold, decide)
-        return tokens.tolist(), exit_.tolist()
+        tokens, exit_ = torch.stack([tokens, exit_.to(tokens.dtype)]).tolist()  # one sync for both
+        return tokens, [bool(e) for e in exit_]

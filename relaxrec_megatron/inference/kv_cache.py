@@ -28,7 +28,7 @@ class KVCache:
     def read(self, layer: int, tb) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Keys/values of each token's (slot, loop, layer) row up to the batch's furthest position,
         and which of them the token may attend to (positions <= its own)."""
-        span = int(tb.pos.max()) + 1
+        span = max(tb.positions) + 1  # host bookkeeping: no wait for the device
         keys = self.k[tb.slot, tb.loop, layer, :span]
         values = self.v[tb.slot, tb.loop, layer, :span]
         valid = torch.arange(span, device=tb.pos.device)[None, :] <= tb.pos[:, None]

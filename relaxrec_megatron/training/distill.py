@@ -4,7 +4,7 @@ Each pipeline stage holds its stage of both models (same TP/PP layout). The hidd
 travel together between stages, concatenated on the sequence axis, so megatron's schedules send
 one (2s, b, h) tensor instead of (s, b, h); the teacher half carries no gradient (zeros in backward,
 the price of one schedule for both models). The last stage returns per-token losses:
-alpha * CE + (1 - alpha) * T^2 * KL(teacher_T || student_T), computed vocab-parallel.
+alpha * CE + (1 - alpha) * T^2 * KL(teacher_T || student_T), computed vocab-parallel (training.kd).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from megatron.core import parallel_state as ps
-from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
 from .kd import distillation_loss
 
@@ -47,9 +46,8 @@ class DistillationModel(nn.Module):
         s_out = self.student(tokens)
         if not self.post_process:
             return torch.cat([s_out, t_out], dim=0)
-        # last stage: (b, s, vocab / TP) logits of both; megatron's CE shifts its input in place
-        ce = vocab_parallel_cross_entropy(s_out.float().clone(), labels)
-        loss, kl = distillation_loss(s_out.float(), t_out.float(), ce, self.alpha, self.temperature,
-                                     ps.get_tensor_model_parallel_group())
-        self.last_parts = (ce.detach(), kl.detach())
+        # last stage: (b, s, vocab / TP) logits of both, in the model's dtype (kd casts chunk by chunk)
+        loss, ce, kl = distillation_loss(s_out, t_out, labels, self.alpha, self.temperature,
+                                         ps.get_tensor_model_parallel_group())
+        self.last_parts = (ce, kl)
         return loss
