@@ -249,6 +249,7 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--tiny", action="store_true", help="small widths and sequence: a smoke run, also on a CPU")
+    a = p.parse_args()
     if a.tiny:
         a.seq, a.rank = min(a.seq, 128), min(a.rank, 16)
     elif not torch.cuda.is_available():

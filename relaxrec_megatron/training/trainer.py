@@ -11,6 +11,8 @@ the accumulation boundary of the external backward).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -154,9 +156,15 @@ class Trainer:
         optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
                                        {"params": no_decay, "weight_decay": 0.0}],
                                       lr=o.lr, betas=tuple(o.betas), eps=o.eps)
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=student, optimizer=optimizer, config=deepspeed_config(cfg, self.micro, self.dp), mpu=MegatronMpu(),
-            dist_init_required=False)
+        chatter = io.StringIO()  # BF16_Optimizer prints memory reports while it builds; shown only on failure
+        try:
+            with contextlib.redirect_stdout(chatter):
+                self.engine, self.optimizer, _, _ = deepspeed.initialize(
+                    model=student, optimizer=optimizer, config=deepspeed_config(cfg, self.micro, self.dp),
+                    mpu=MegatronMpu(), dist_init_required=False)
+        except Exception:
+            print(chatter.getvalue(), end="", flush=True)
+            raise
         self.train_dataset, self.valid_dataset = train_dataset, valid_dataset
         from .flops import peak_flops, train_flops_per_token
 
