@@ -9,14 +9,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
-from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
 from relaxrec_megatron.errors import EXIT_REQUEUE
 from relaxrec_megatron.parallel.distributed import free_port
 from relaxrec_megatron.training.trainer import latest_checkpoint
+from tiny import save_run_config, save_token_corpus
 
 ROOT = Path(__file__).parents[1]
 STEPS = 40
@@ -26,23 +24,8 @@ STEPS = 40
 def job(tiny_dirs, tmp_path_factory):
     """A tiny run config (2 loops, KD, ZeRO-1) and the world each launch trains in."""
     root = tmp_path_factory.mktemp("launch")
-    g = torch.Generator().manual_seed(0)
-    builder = IndexedDatasetBuilder(str(root / "data.bin"), dtype=np.uint16)
-    for _ in range(200):
-        doc = torch.randint(3, 96, (int(torch.randint(20, 60, (1,), generator=g)),), generator=g).tolist() + [2]
-        builder.add_document(torch.tensor(doc), [len(doc)])
-    builder.finalize(str(root / "data.idx"))
-    (root / "c.yaml").write_text(f"""
-run: {{name: launch, output_dir: {root}/unused, seed: 1}}
-model: {{source: {tiny_dirs['llama']}, recursion: {{loops: 2, rank: 4}}, dtype: fp32}}
-parallel: {{tp: 1, pp: 1, zero_stage: 1}}
-data: {{blend: [1.0, {root}/data], split: "90,10,0", seq_length: 64}}
-optim: {{global_batch_size: 8, micro_batch_size: 2, train_steps: {STEPS}, lr: 1.0e-3, min_lr: 1.0e-4, warmup_steps: 2}}
-kd: {{enabled: true}}
-checkpoint: {{save_every: 1000, keep_last: 2, resume: auto}}
-eval: {{every: 0}}
-logging: {{every: 1, wandb_mode: disabled}}
-""")
+    save_token_corpus(root / "data")
+    save_run_config(root, tiny_dirs["llama"], seq_length=64, train_steps=STEPS, save_every=1000)
     return root
 
 

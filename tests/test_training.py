@@ -5,12 +5,11 @@ crash-safe checkpoints, non-finite steps."""
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
 from megatron_jobs import train_job
+from tiny import save_run_config, save_token_corpus
 from relaxrec_megatron.parallel.local_world import run_world
 from relaxrec_megatron.training.trainer import latest_checkpoint
 
@@ -18,23 +17,8 @@ from relaxrec_megatron.training.trainer import latest_checkpoint
 @pytest.fixture(scope="module")
 def setup(tiny_dirs, tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
-    g = torch.Generator().manual_seed(0)
-    builder = IndexedDatasetBuilder(str(root / "data.bin"), dtype=np.uint16)
-    for _ in range(200):
-        doc = torch.randint(3, 96, (int(torch.randint(20, 60, (1,), generator=g)),), generator=g).tolist() + [2]
-        builder.add_document(torch.tensor(doc), [len(doc)])
-    builder.finalize(str(root / "data.idx"))
-    (root / "c.yaml").write_text(f"""
-run: {{name: tiny, output_dir: {root}/run, seed: 1}}
-model: {{source: {tiny_dirs['llama']}, recursion: {{loops: 2, rank: 4}}, dtype: fp32}}
-parallel: {{tp: 1, pp: 1, zero_stage: 1}}
-data: {{blend: [1.0, {root}/data], split: "90,10,0", seq_length: 16}}
-optim: {{global_batch_size: 8, micro_batch_size: 2, train_steps: 10, lr: 1.0e-3, min_lr: 1.0e-4, warmup_steps: 2}}
-kd: {{enabled: true, alpha: 0.5, temperature: 1.0}}
-checkpoint: {{save_every: 100, keep_last: 2, resume: auto}}
-eval: {{every: 0, batches: 2}}
-logging: {{every: 1, wandb_mode: disabled}}
-""")
+    save_token_corpus(root / "data")
+    save_run_config(root, tiny_dirs["llama"])
     return root
 
 

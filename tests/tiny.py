@@ -43,3 +43,36 @@ def save_tiny(arch: str, folder: Path, layers: int = 4, seed: int = 0) -> Path:
     model = tiny_model(arch, layers, seed)
     model.save_pretrained(folder)
     return folder
+
+
+def save_token_corpus(prefix: Path, documents: int = 200, vocab: int = 96, eod: int = 2, seed: int = 0) -> Path:
+    """A megatron indexed dataset (prefix.bin/.idx) of random documents of 20-59 tokens, each ending in eod."""
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    g = torch.Generator().manual_seed(seed)
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.uint16)
+    for _ in range(documents):
+        doc = torch.randint(3, vocab, (int(torch.randint(20, 60, (1,), generator=g)),), generator=g).tolist() + [eod]
+        builder.add_document(torch.tensor(doc), [len(doc)])
+    builder.finalize(f"{prefix}.idx")
+    return prefix
+
+
+def save_run_config(root: Path, source: Path, seq_length: int = 16, train_steps: int = 10,
+                    save_every: int = 100) -> Path:
+    """root/c.yaml: a tiny uptraining run (2 loops, LoRA rank 4, KD, ZeRO-1, fp32) over root/data."""
+    path = root / "c.yaml"
+    path.write_text(f"""
+run: {{name: tiny, output_dir: {root}/run, seed: 1}}
+model: {{source: {source}, recursion: {{loops: 2, rank: 4}}, dtype: fp32}}
+parallel: {{tp: 1, pp: 1, zero_stage: 1}}
+data: {{blend: [1.0, {root}/data], split: "90,10,0", seq_length: {seq_length}}}
+optim: {{global_batch_size: 8, micro_batch_size: 2, train_steps: {train_steps}, lr: 1.0e-3, min_lr: 1.0e-4,
+        warmup_steps: 2}}
+kd: {{enabled: true, alpha: 0.5, temperature: 1.0}}
+checkpoint: {{save_every: {save_every}, keep_last: 2, resume: auto}}
+eval: {{every: 0, batches: 2}}
+logging: {{every: 1, wandb_mode: disabled}}
+""")
+    return path
