@@ -102,7 +102,7 @@ def kd_job(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, a
     torch.save({"loss": loss.detach(), "ce": ce, "kl": kl, "grad": s.grad}, Path(out_dir) / f"kd{rank}.pt")
 
 
-def train_job(config_path: str, overrides: list[str], out_path: str, stop_after=None, nan_steps=(),
+def train_job(config_path: str, overrides: list[str], out_path: str, nan_steps=(),
               crash_in_save_at=None, sigterm_at=None, grad_probe=False) -> None:
     """Runs `relaxrec train` in this world; saves the per-step records and optimizer-state bytes.
     nan_steps: poison the gradients at these steps; crash_in_save_at: die half-way through that step's save."""
@@ -163,10 +163,10 @@ def train_job(config_path: str, overrides: list[str], out_path: str, stop_after=
 
     from relaxrec_megatron.training.run import Preempted
 
-    if stop_after is None and sigterm_at is None:
+    if sigterm_at is None:
         return train_entry(config_path, overrides, out_path)
     try:
-        records = train(load_config(config_path, overrides), stop_after=stop_after)
+        records = train(load_config(config_path, overrides))
     except Preempted as stopped:
         records = stopped.records
     torch.save(records, f"{out_path}.rank{dist.get_rank()}.pt")

@@ -106,8 +106,9 @@ def losses(run_dir: Path) -> list[float]:
 
 @pytest.fixture(scope="module")
 def straight(job) -> list[float]:
-    """The uninterrupted run: one torchrun agent, 2 worker processes."""
-    launch = train_launch(job, "straight", env_for())
+    """The uninterrupted run: one torchrun agent, 2 worker processes, evaluating on the way (which
+    must not change what the others, evaluating nothing, train)."""
+    launch = train_launch(job, "straight", env_for(), ["eval.every=5"])
     assert launch.wait() == 0, launch.console()
     got = losses(job / "straight")
     assert len(got) == STEPS

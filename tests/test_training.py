@@ -1,5 +1,6 @@
-"""Uptraining on CPU (gloo, fp32, tiny models): DeepSpeed ZeRO vs DP=1, pipeline + TP, resume,
-crash-safe checkpoints, non-finite steps."""
+"""Uptraining on CPU (gloo, fp32, tiny models): DeepSpeed ZeRO vs DP=1, pipeline + TP, bf16,
+crash-safe checkpoints, non-finite steps, stops agreed by every rank. Resuming a stopped run with
+the losses of an uninterrupted one: test_launch, through torchrun."""
 
 
 import shutil
@@ -27,9 +28,8 @@ def run(root: Path, name: str, world: int, overrides=(), fresh=True, **kw) -> li
     if fresh:
         shutil.rmtree(root / f"run-{name}", ignore_errors=True)
     overrides = [f"run.output_dir={root}/run-{name}", *overrides]
-    run_world(train_job, world, str(root / "c.yaml"), overrides, str(out), kw.get("stop_after"),
-              kw.get("nan_steps", ()), kw.get("crash_in_save_at"), kw.get("sigterm_at"), kw.get("grad_probe", False),
-              timeout=600)
+    run_world(train_job, world, str(root / "c.yaml"), overrides, str(out), kw.get("nan_steps", ()),
+              kw.get("crash_in_save_at"), kw.get("sigterm_at"), kw.get("grad_probe", False), timeout=600)
     return torch.load(f"{out}.rank0.pt", weights_only=False)
 
 
@@ -58,15 +58,6 @@ def test_pipeline_and_tensor_parallel_match_one_rank(setup, baseline):
     got = run(setup, "tp2", 2, ["parallel.tp=2"])
     assert ((losses(got) - losses(baseline)).abs() / losses(baseline)).max() <= 1e-5
     assert [r["grad_norm"] for r in got] == pytest.approx([r["grad_norm"] for r in baseline], rel=1e-5)
-
-
-def test_resume_gives_identical_losses(setup, baseline):
-    first = run(setup, "resume", 2, ["checkpoint.save_every=5"], stop_after=5)
-    assert len(first) == 5 and latest_checkpoint(setup / "run-resume" / "checkpoints").name == "step_00000005"
-    second = run(setup, "resume", 2, ["checkpoint.save_every=5"], fresh=False)
-    assert [r["step"] for r in second] == list(range(6, 11))
-    straight = run(setup, "straight", 2, ["checkpoint.save_every=5", "eval.every=5"])  # evaluation on the way
-    assert torch.equal(losses(first + second), losses(straight))
 
 
 def test_training_checkpoint_exports_to_hf_with_the_same_logits(setup, tmp_path):

@@ -17,9 +17,10 @@ import torch
 
 from ..data.pydoc_text import pydoc_topics
 from ..evaluation.lm import greedy, perplexity, unique_parameters
+from ..shipped import run_config
 
 PROMPT = "The capital of France is"
-CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny-cpu.yaml"
+CONFIG = run_config("tiny-cpu")
 
 
 def add_parser(sub) -> None:

@@ -10,9 +10,9 @@ from ..hf.checkpoint import CheckpointError
 from ..hf.convert import layer_shapes
 from ..recursion import SharingPlan
 from ..recursion.params import count_params
+from ..shipped import model_config
 from .options import add_recursion_args, parse_rank, recursion_spec
 
-SHIPPED = Path(__file__).resolve().parents[2] / "configs" / "models"
 
 
 def add_parser(sub) -> None:
@@ -30,8 +30,8 @@ def load_config(model: str) -> dict:
     path = Path(model).expanduser()
     if path.is_dir():
         path = path / "config.json"
-    elif not path.exists() and (SHIPPED / f"{model}.json").is_file():
-        path = SHIPPED / f"{model}.json"
+    elif not path.exists() and model_config(model) is not None:
+        path = model_config(model)
     elif not path.exists() and model.count("/") == 1 and not model.startswith((".", "/", "~")):
         from huggingface_hub import hf_hub_download
 

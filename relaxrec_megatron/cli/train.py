@@ -6,7 +6,7 @@ from __future__ import annotations
 def add_parser(sub) -> None:
     p = sub.add_parser("train", help="uptrain a relaxed recursive model (megatron-core + DeepSpeed ZeRO + KD)",
                        description=__doc__)
-    p.add_argument("--config", required=True, help="YAML run config (configs/*.yaml)")
+    p.add_argument("--config", required=True, help="YAML run config, or a shipped one by name (gemma-2b-relaxed, tiny-cpu, ...)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4 parallel.tp=2")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.set_defaults(run=run)

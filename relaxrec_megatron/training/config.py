@@ -232,9 +232,15 @@ def apply_override(cfg: TrainConfig, item: str) -> None:
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+    """A YAML file, or the name of a shipped config (`gemma-2b-relaxed`, `tiny-cpu`, ...), plus overrides."""
+    from ..shipped import run_config, run_config_names
+
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: no such config file")
+        shipped = run_config(str(path))
+        if shipped is None:
+            raise UserError(f"{path}: no such config file, nor a shipped config ({', '.join(run_config_names())})")
+        path = shipped
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:

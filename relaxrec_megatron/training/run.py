@@ -128,8 +128,8 @@ class Logger:
             self.wandb.finish()
 
 
-def train(cfg: TrainConfig, stop_after: int | None = None) -> list[dict]:
-    """Runs (or resumes) the configured uptraining; `stop_after` ends early (tests: a killed process)."""
+def train(cfg: TrainConfig) -> list[dict]:
+    """Runs (or resumes) the configured uptraining; a stop signal ends it with Preempted after a checkpoint."""
     from ..parallel.distributed import init_distributed
     from .trainer import StopSignals, Trainer, latest_checkpoint
 
@@ -174,8 +174,6 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> list[dict]:
         done = trainer.step >= cfg.optim.train_steps
         if done or trainer.stop_requested or rec["step"] % cfg.checkpoint.save_every == 0:
             trainer.save(ckpt_root)
-        if stop_after is not None and trainer.step >= stop_after:
-            break
     bar.close()
     if trainer.stop_requested:
         logger.close()
