@@ -5,7 +5,7 @@ import json
 import pytest
 
 from relaxrec_megatron.cli.main import main
-from relaxrec_megatron.cli.params import SHIPPED
+from relaxrec_megatron.shipped import MODELS as SHIPPED
 from relaxrec_megatron.hf.arch import adapter_for
 
 

@@ -175,7 +175,7 @@ def train(cfg: TrainConfig) -> list[dict]:
         if done or trainer.stop_requested or rec["step"] % cfg.checkpoint.save_every == 0:
             trainer.save(ckpt_root)
     bar.close()
-    if trainer.stop_requested:
+    if trainer.stop_requested and trainer.step < cfg.optim.train_steps:  # a stop at the last step is the end
         logger.close()
         stopped = Preempted(signals.received or "a signal to another rank", trainer.step,
                             latest_checkpoint(ckpt_root), records)
