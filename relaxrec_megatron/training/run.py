@@ -48,27 +48,27 @@ def prepare_checkpoints(cfg: TrainConfig, run_dir: Path) -> tuple[Path, Path | N
             convert_to_relaxed(source, teacher, RecursionSpec(loops=1, init="lower", rank=0), dtype=dtype,
                                overwrite=True, progress=False)
 
-    on_rank0(convert, cfg.model.convert_timeout_min * 60, "converting model.source")
+    on_rank0(convert, cfg.model.convert_timeout_min * 60)
     return student, teacher
 
 
-def on_rank0(work, timeout_s: float, what: str) -> None:
-    """`work` on rank 0 while the others wait (on a group with a timeout of its own, not the default
-    group's); a UserError on rank 0 is raised on every rank."""
+def on_rank0(work, timeout_s: float | None = None) -> None:
+    """`work` on rank 0 while the others wait, on the default group or, given `timeout_s`, on a group
+    with that timeout of its own; a UserError on rank 0 is raised on every rank."""
     from ..parallel.distributed import long_wait_group
 
-    group = long_wait_group(timeout_s) if dist.get_world_size() > 1 else None
+    group = long_wait_group(timeout_s) if timeout_s is not None and dist.get_world_size() > 1 else None
     error: list = [None]
     if dist.get_rank() == 0:
         try:
             work()
         except UserError as e:
             error[0] = str(e)
+    dist.broadcast_object_list(error, src=0, group=group)
     if group is not None:
-        dist.broadcast_object_list(error, src=0, group=group)
         dist.destroy_process_group(group)
     if error[0]:
-        raise UserError(error[0] if dist.get_rank() == 0 else f"{what} on rank 0 failed: {error[0]}")
+        raise UserError(error[0])
 
 
 def build_data(cfg: TrainConfig, student_dir: Path):
@@ -199,18 +199,17 @@ def check_eval_tasks(cfg: TrainConfig) -> None:
     """An unknown name in eval.tasks fails before training, not after it: rank 0 checks, every rank raises."""
     if not cfg.eval.tasks:
         return
-    error = [None]
-    if dist.get_rank() == 0:
+
+    def check() -> None:
         from ..evaluation import harness
 
         harness.quiet()
         try:
             harness.check_tasks(cfg.eval.tasks, harness.task_manager(cfg.eval.include_path))
         except UserError as e:
-            error[0] = str(e)
-    dist.broadcast_object_list(error, src=0)
-    if error[0]:
-        raise UserError(f"eval.tasks: {error[0]}")
+            raise UserError(f"eval.tasks: {e}") from None
+
+    on_rank0(check)
 
 
 # set by torchrun / the local launcher for the training processes; the scoring process is a run of its own
