@@ -24,3 +24,38 @@ def model_config(name: str) -> Path | None:
     """The shipped config.json of model `name` (gemma-2b, tinyllama-1.1b, ...), or None."""
     path = MODELS / f"{name}.json"
     return path if "/" not in name and path.is_file() else None
+
+
+# hub ids of the shipped models: their config.json is read from the package, so planning and
+# counting work offline
+HUB_IDS = {"google/gemma-2b": "gemma-2b", "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T": "tinyllama-1.1b",
+           "EleutherAI/pythia-1b": "pythia-1b", "HuggingFaceTB/SmolLM2-135M-Instruct": "smollm2-135m",
+           "builtin:smollm2-135m": "smollm2-135m"}
+
+
+def hf_config(model: str) -> dict:
+    """config.json of a checkpoint folder, a config.json path, a shipped model (by name or hub id) or,
+    with network, any hub repo."""
+    import json
+
+    from .errors import UserError
+
+    path = Path(model).expanduser()
+    if path.is_dir():
+        path = path / "config.json"
+    elif not path.exists() and model_config(HUB_IDS.get(model, model)) is not None:
+        path = model_config(HUB_IDS.get(model, model))
+    elif not path.exists() and model.count("/") == 1 and not model.startswith((".", "/", "~")):
+        from huggingface_hub import hf_hub_download
+
+        try:
+            path = Path(hf_hub_download(model, "config.json"))
+        except Exception as e:
+            raise UserError(f"cannot fetch config.json of {model!r} ({type(e).__name__}); pass a local config.json") from None
+    if not path.is_file():
+        shipped = ", ".join(sorted(p.stem for p in MODELS.glob("*.json")))
+        raise UserError(f"{model}: no such config.json, folder or shipped model ({shipped})")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: invalid JSON ({e})") from None

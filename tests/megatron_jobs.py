@@ -136,6 +136,9 @@ def train_job(config_path: str, overrides: list[str], out_path: str, nan_steps=(
         rec = original_step(self)
         import torch.distributed as dist
 
+        if self.step == 1:
+            torch.save(allocations(self), f"{out_path}.alloc.rank{dist.get_rank()}.pt")
+
         if self.step == sigterm_at and dist.get_rank() == dist.get_world_size() - 1:
             import signal
 
@@ -170,6 +173,23 @@ def train_job(config_path: str, overrides: list[str], out_path: str, nan_steps=(
     except Preempted as stopped:
         records = stopped.records
     torch.save(records, f"{out_path}.rank{dist.get_rank()}.pt")
+
+
+def allocations(trainer) -> dict:
+    """Bytes this rank holds, read off the tensors: the student's and teacher's parameters, the fp32
+    copies the inner optimizer steps on (not the model's own tensors) and their Adam moments."""
+    def size(tensors):
+        return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
+
+    own = {p.data_ptr() for p in trainer.student.parameters()}
+    inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    stepped = [p for g in inner.param_groups for p in g["params"]]
+    teacher = trainer.model.teacher[0] if hasattr(trainer.model, "teacher") else None
+    return {"student weights": size(trainer.student.parameters()),
+            "teacher weights": size(teacher.parameters()) if teacher is not None else 0,
+            "fp32 master weights": size(p for p in stepped if p.data_ptr() not in own),
+            "Adam moments": size(t for st in inner.state.values() for t in st.values()
+                                 if torch.is_tensor(t) and t.dim() > 0)}
 
 
 def fp8_context_job(relaxed_dir: str, tokens: torch.Tensor, out_path: str) -> None:

@@ -1,6 +1,9 @@
-"""relaxrec data prepare: corpus -> megatron-core indexed dataset (.bin/.idx)."""
+"""relaxrec data: corpus -> megatron-core indexed datasets (.bin/.idx): prepare (whole or one shard),
+merge shards, and count what a run will read."""
 
 from __future__ import annotations
+
+from ..errors import UserError
 
 
 def add_parser(sub) -> None:
@@ -11,18 +14,106 @@ def add_parser(sub) -> None:
     s.add_argument("--tokenizer", required=True, help="tokenizer folder or hub name (the source model's)")
     s.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
     s.add_argument("--text-key", default="text", help="field holding the text (default: text)")
-    s.add_argument("--workers", type=int, default=2, help="tokenizer processes")
+    s.add_argument("--workers", type=int, default=2, help="tokenizer processes, one per core (0: in this process)")
     s.add_argument("--streaming", action="store_true", help="stream the corpus instead of loading it")
     s.add_argument("--split", default="train", help="split of a hub dataset")
+    s.add_argument("--shard", metavar="I/N", help="prepare only the I-th of N contiguous parts (0 <= I < N), by files "
+                   "when there are at least N input files, else by documents; writes PREFIX-IIIII-of-NNNNN and "
+                   "skips a shard already made from the same inputs")
+    s.add_argument("--overwrite", action="store_true", help="with --shard: prepare the shard again even if it exists")
     s.add_argument("--quiet", action="store_true")
-    s.set_defaults(run=run)
+    s.set_defaults(run=run_prepare)
+    m = targets.add_parser("merge", help="concatenate datasets or shard sets, in order, into one")
+    m.add_argument("prefixes", nargs="+", help="dataset prefixes (a shard set's PREFIX stands for all its shards)")
+    m.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
+    m.set_defaults(run=run_merge)
+    st = targets.add_parser("stats", help="documents and tokens; with --config, the epochs a run reads")
+    st.add_argument("prefixes", nargs="*", help="dataset prefixes (default with --config: its data.blend), and "
+                    "with --config dotted overrides of the run config (e.g. optim.train_steps=100)")
+    st.add_argument("--config", help="run config (file or shipped name): epochs of each blend component")
+    st.set_defaults(run=run_stats)
 
 
-def run(args) -> int:
+def run_prepare(args) -> int:
+    from ..data.corpus import Shard
     from ..data.prepare import prepare
 
+    if args.workers < 0:
+        raise UserError(f"--workers must be 0 (in this process) or more, got {args.workers}")
+    shard = Shard.parse(args.shard) if args.shard else None
+    if args.overwrite and shard is None:
+        raise UserError("--overwrite goes with --shard (a whole preparation always writes its output)")
     stats = prepare(args.inputs, args.tokenizer, args.output_prefix, text_key=args.text_key, workers=args.workers,
-                    streaming=args.streaming, split=args.split, progress=not args.quiet)
+                    streaming=args.streaming, split=args.split, shard=shard, overwrite=args.overwrite,
+                    progress=not args.quiet)
+    where = f"{stats['bin']}, {stats['idx']}"
+    if stats["skipped"]:
+        print(f"shard {shard} already prepared from these inputs ({stats['documents']} documents, "
+              f"{stats['tokens']} tokens): {where}; skipped")
+        return 0
     print(f"{stats['documents']} documents, {stats['tokens']} tokens in {stats['seconds']:.1f}s "
-          f"({stats['tokens_per_s']:.0f} tokens/s) -> {stats['bin']}, {stats['idx']}")
+          f"({stats['tokens_per_s']:.0f} tokens/s, {stats['tokens_per_s'] / max(args.workers, 1):.0f} per worker, after "
+          f"{stats['startup_seconds']:.1f}s of startup) -> {where}")
+    return 0
+
+
+def run_merge(args) -> int:
+    from ..data.indexed import merge, resolve
+
+    parts = sum(len(resolve(p)) for p in args.prefixes)
+    c = merge(args.prefixes, args.output_prefix)
+    print(f"merged {parts} datasets: {c.documents} documents, {c.tokens} tokens -> {c.prefix}.bin, {c.prefix}.idx")
+    return 0
+
+
+def run_stats(args) -> int:
+    from ..data.indexed import counts, resolve
+
+    prefixes = list(args.prefixes)
+    cfg = None
+    if args.config:
+        from ..training.config import load_config
+
+        cfg = load_config(args.config, [p for p in prefixes if "=" in p])
+        prefixes = [p for p in prefixes if "=" not in p]
+    elif any("=" in p for p in prefixes):
+        raise UserError("overrides (key=value) need --config")
+    if cfg is not None and not prefixes:
+        prefixes = [str(p) for p in cfg.data.blend[1::2]]
+    if not prefixes:
+        raise UserError("name dataset prefixes, or a run config with --config")
+    width = max(len(p) for p in prefixes) + 2
+    print(f"{'dataset':<{width}}{'shards':>7}{'documents':>12}{'tokens':>15}{'tokens/doc':>11}")
+    found = {}
+    for p in prefixes:
+        parts = [counts(s) for s in resolve(p)]
+        docs, tokens = sum(c.documents for c in parts), sum(c.tokens for c in parts)
+        found[p] = parts
+        print(f"{p:<{width}}{len(parts):>7}{docs:>12}{tokens:>15}{tokens / max(docs, 1):>11.0f}")
+    if cfg is None:
+        return 0
+    return _epochs(cfg, found)
+
+
+def _epochs(cfg, found: dict) -> int:
+    """Epochs of each blend component's train split that the run's train_steps read (megatron's blend
+    samples each component in proportion to its weight)."""
+    from ..data.indexed import counts, resolve
+
+    weights, prefixes = [float(w) for w in cfg.data.blend[0::2]], [str(p) for p in cfg.data.blend[1::2]]
+    tokens = cfg.tokens()
+    print(f"\nthe run reads {tokens:,} tokens ({cfg.optim.train_steps} steps x {cfg.optim.global_batch_size} "
+          f"x {cfg.data.seq_length}); train split {cfg.data.split.split(',')[0]}% of each dataset's documents")
+    print(f"{'component':<40}{'weight':>8}{'train tokens':>15}{'read':>15}{'epochs':>8}")
+    repeats = []
+    for w, p in zip(weights, prefixes):
+        parts = found.get(p) or [counts(s) for s in resolve(p)]
+        have = sum(c.train_tokens(cfg.data.split) for c in parts)
+        read = tokens * w / sum(weights)
+        epochs = read / max(have, 1)
+        print(f"{p:<40}{w / sum(weights):>8.3f}{have:>15,}{read:>15,.0f}{epochs:>8.2f}")
+        if epochs > 1:
+            repeats.append(f"{p} ({epochs:.2f} epochs)")
+    if repeats:
+        print(f"warning: the run repeats data: {', '.join(repeats)}; add data or lower optim.train_steps")
     return 0

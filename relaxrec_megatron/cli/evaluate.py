@@ -144,7 +144,7 @@ def format_table(report: dict) -> str:
 def run_ppl(args) -> int:
     import torch
 
-    from ..data.prepare import corpus_texts, open_corpus
+    from ..data.corpus import corpus_texts, open_corpus
     from ..evaluation import harness
     from ..evaluation.models import export_dir, load, resolve
     from ..evaluation.ppl import corpus_perplexity

@@ -8,10 +8,10 @@ import sys
 import warnings
 
 from ..errors import UserError
-from . import bench, compare, convert, data, demo, evaluate, export, generate, params, train
+from . import bench, compare, convert, data, demo, evaluate, export, generate, params, plan, train
 
 COMMANDS = {"convert": convert, "export": export, "params": params, "data": data, "train": train, "eval": evaluate,
-            "generate": generate, "bench": bench, "compare": compare, "demo": demo}
+            "generate": generate, "plan": plan, "bench": bench, "compare": compare, "demo": demo}
 
 
 def build_parser() -> argparse.ArgumentParser:

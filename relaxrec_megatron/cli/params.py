@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from ..hf.arch import ArchError
-from ..hf.checkpoint import CheckpointError
 from ..hf.convert import layer_shapes
 from ..recursion import SharingPlan
 from ..recursion.params import count_params
-from ..shipped import model_config
+from ..shipped import hf_config
 from .options import add_recursion_args, parse_rank, recursion_spec
 
 
@@ -26,28 +24,6 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
-def load_config(model: str) -> dict:
-    path = Path(model).expanduser()
-    if path.is_dir():
-        path = path / "config.json"
-    elif not path.exists() and model_config(model) is not None:
-        path = model_config(model)
-    elif not path.exists() and model.count("/") == 1 and not model.startswith((".", "/", "~")):
-        from huggingface_hub import hf_hub_download
-
-        try:
-            path = Path(hf_hub_download(model, "config.json"))
-        except Exception as e:
-            raise CheckpointError(f"cannot fetch config.json of {model!r} ({type(e).__name__}); pass a local config.json") from None
-    if not path.is_file():
-        shipped = ", ".join(sorted(p.stem for p in SHIPPED.glob("*.json")))
-        raise CheckpointError(f"{model}: no such config.json, folder or shipped model ({shipped})")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
-
-
 def human(n: int) -> str:
     for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= div:
@@ -56,7 +32,7 @@ def human(n: int) -> str:
 
 
 def compute(args) -> dict:
-    cfg = load_config(args.model)
+    cfg = hf_config(args.model)
     adapter, shapes = layer_shapes(cfg)
     plan = SharingPlan(adapter.num_layers, args.loops, args.strategy)
     vanilla = count_params(shapes, plan.num_layers)

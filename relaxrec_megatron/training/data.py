@@ -29,11 +29,13 @@ def build_datasets(cfg: TrainConfig, tokenizer: TokenizerInfo, train_samples: in
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
+    from ..data.indexed import expand_blend
+
     blend = cfg.data.blend
-    weights, prefixes = [float(w) for w in blend[0::2]], [str(p) for p in blend[1::2]]
-    for p in prefixes:
-        if not (Path(f"{p}.bin").is_file() and Path(f"{p}.idx").is_file()):
-            raise UserError(f"data.blend: {p}.bin/.idx not found; make it with `relaxrec data prepare`")
+    try:  # a prefix may stand for its shard set
+        weights, prefixes = expand_blend([float(w) for w in blend[0::2]], [str(p) for p in blend[1::2]])
+    except UserError as e:
+        raise UserError(f"data.blend: {e}") from None
     config = GPTDatasetConfig(
         random_seed=cfg.run.seed, sequence_length=cfg.data.seq_length, blend=(prefixes, weights),
         split=cfg.data.split, tokenizer=tokenizer, reset_position_ids=False, reset_attention_mask=False,
