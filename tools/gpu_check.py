@@ -5,6 +5,7 @@
                  full model) on a Gemma-2B-shaped model with fewer layers and random weights:
                  tokens/s, TFLOP/s per GPU, MFU, peak memory
   train vanilla  the same trainer on the source itself (1 loop, no LoRA): relaxed/vanilla step time
+  plan           `relaxrec plan`'s per-GPU total for that run against its measured peak (target: within 15%)
   train fp8      model.fp8 (tensorwise current scaling) against the bf16 run: loss agreement, speed
   te layers      the TE layer spec against the local spec on the same weights (bf16, FP8)
 
@@ -131,6 +132,7 @@ logging: {{every: 1000, wandb_mode: disabled}}
     except Exception as e:
         line("train bf16", "FAILED", f"{type(e).__name__}: {str(e).splitlines()[-1][:300]}")
         return False
+    check_plan(root / "c.yaml", [f"run.output_dir={root}/run-bf16"], s["memory_gb"])
     try:
         vanilla = summary(train("vanilla", ["model.recursion.loops=1", "model.recursion.rank=0", "kd.enabled=false"]))
         no_kd = summary(train("bf16-nokd", ["kd.enabled=false"]))
@@ -156,6 +158,21 @@ logging: {{every: 1000, wandb_mode: disabled}}
         ok = False
         line("train fp8", "FAILED", f"{type(e).__name__}: {str(e).splitlines()[-1][:300]}")
     return ok
+
+
+def check_plan(config: Path, overrides: list[str], measured_gb: float) -> None:
+    """The planner's estimate for the run just measured (peak of torch.cuda.max_memory_allocated)."""
+    from relaxrec_megatron.training.config import load_config
+    from relaxrec_megatron.training.planning import plan
+
+    got = plan(load_config(config, overrides), gpus=1)
+    terms = ", ".join(f"{k} {v / 1e9:.2f}" for k, v in got["stages"][0].items() if v)
+    if measured_gb != measured_gb:  # nan: no CUDA
+        line("plan", "skip", f"no CUDA peak to compare; planned {got['total'] / 1e9:.2f} GB ({terms})")
+        return
+    ratio = got["total"] / 1e9 / measured_gb
+    line("plan", "ok" if abs(ratio - 1) <= 0.15 else "off", f"planned {got['total'] / 1e9:.2f} GB vs measured peak "
+         f"{measured_gb:.2f} GB: {ratio:.2f}x (target 0.85-1.15; {terms})")
 
 
 def check_te_layers(a) -> bool:

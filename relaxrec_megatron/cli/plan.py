@@ -14,7 +14,7 @@ def add_parser(sub) -> None:
     p.add_argument("--gpus", type=int, required=True, help="GPUs in the run (TP x PP x DP)")
     p.add_argument("--gpu", default="h100", choices=sorted(GPUS), help="GPU model (default h100)")
     p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed for the time (default 0.4)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides of the run config (e.g. optim.micro_batch_size=2)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides of the run config, right after CONFIG (e.g. optim.micro_batch_size=2)")
     p.set_defaults(run=run)
 
 
@@ -22,8 +22,14 @@ def gb(n: float) -> str:
     return f"{n / 1e9:.2f} GB"
 
 
+def tokens(n: int) -> str:
+    return f"{n / 1e9:.1f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
+
+
 def duration(seconds: float) -> str:
     days, rest = divmod(seconds, 86400)
+    if seconds < 3600:
+        return f"{seconds / 60:.1f} min"
     return (f"{days:.0f} d " if days else "") + f"{rest / 3600:.1f} h"
 
 
@@ -53,8 +59,8 @@ def run(args) -> int:
           f"({USABLE:.0%} usable: {gb(budget)})")
     print(f"[plan] {got['flops_per_token'] / 1e9:.2f} GFLOP per token (student forward, backward"
           f"{', recompute' if p.recompute else ''}{', teacher forward' if cfg.kd.enabled else ''}); "
-          f"{got['tokens'] / 1e9:.1f}B tokens at {args.mfu:.0%} MFU ({g.peak_bf16 / 1e12:.0f} TFLOP/s bf16 peak): "
-          f"{duration(got['seconds'])} on {args.gpus} GPUs ({args.gpus * got['seconds'] / 3600:,.0f} GPU-hours)")
+          f"{tokens(got['tokens'])} tokens at {args.mfu:.0%} MFU ({g.peak_bf16 / 1e12:.0f} TFLOP/s bf16 peak): "
+          f"{duration(got['seconds'])} on {args.gpus} GPU{'s' if args.gpus > 1 else ''} ({args.gpus * got['seconds'] / 3600:,.0f} GPU-hours)")
     if not got["fits"]:
         fixes = suggestions(cfg, args.gpus, args.gpu, args.mfu)
         if fixes:

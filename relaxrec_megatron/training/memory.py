@@ -144,18 +144,12 @@ def activation_bytes(m: Model, lay: Layout, stage: int, micro_batch: int, seq: i
 
 def logits_bytes(s: LayerShapes, micro_batch: int, seq: int, dtype: str, tp: int, kd: bool,
                  chunk_bytes: int = 128 << 20) -> int:
-    """Last stage: the student's logits, their gradient and (KD) the teacher's, vocab-parallel, in the
-    model dtype, plus the fp32 working chunk of training.kd's fused loss."""
-    one = micro_batch * seq * (s.vocab // tp) * DTYPE_BYTES[dtype]
-    return (3 if kd else 2) * one + 4 * chunk_bytes
-
-
-def flops_per_token(m: Model, seq: int, recompute: bool) -> float:
-    """Matmul FLOPs per trained token: the student's forward, backward (2x), recompute (1x more)."""
-    s = m.shapes
-    q = s.linears["q"][0]
-    linear = sum(2 * o * i for o, i in s.linears.values())
-    lora = sum(2 * min(r, *s.linears[x]) * sum(s.linears[x]) for x, r in m.ranks.items())
-    attention = 2 * 2 * seq * q // 2  # causal: half of QK^T and PV
-    forward = m.plan.num_layers * (linear + lora + attention) + 2 * s.hidden * s.vocab
-    return (4 if recompute else 3) * forward
+    """Last stage, vocab-parallel logits of one micro-batch. KD (training.kd): the student's and the
+    teacher's logits and the gradient buffer in the model dtype, plus about four fp32 chunks of the
+    fused loss. Without KD, megatron's cross entropy keeps an fp32 softmax beside the logits and makes
+    an fp32 gradient of the same size."""
+    elements = micro_batch * seq * (s.vocab // tp)
+    one = elements * DTYPE_BYTES[dtype]
+    if kd:
+        return 3 * one + 4 * min(chunk_bytes, 4 * elements)
+    return one + 2 * 4 * elements
