@@ -161,12 +161,12 @@ def test_stats_and_the_epochs_a_run_reads(tokenizer_dir, tmp_path, capsys):
     assert main(["data", "stats", "--config", str(cfg_path)]) == 0  # 50 x 4 x 64 tokens: more than one epoch
     out = capsys.readouterr().out
     epochs = 50 * 4 * 64 / gpt._get_num_tokens_per_epoch()
-    assert f"{epochs:>8.2f}" in out and f"warning: the run repeats data: {shards[0].prefix} ({epochs:.2f} epochs)" in out
+    assert f"{epochs:>10.2f}" in out and f"warning: the run repeats data: {shards[0].prefix} ({epochs:.2f} epochs)" in out
 
 
 def test_slurm_array_job_prepares_one_shard_per_task(tokenizer_dir, tmp_path):
-    """slurm/prepare_data.sh as an array's tasks would run it (SLURM_ARRAY_* set, no sbatch here): the
-    merged shards are the one-shot dataset. (A resubmitted task skipping its shard: test_rerun_...)"""
+    """slurm/prepare_data.sh as array task 1 of 2 runs it (SLURM_ARRAY_* set, no sbatch here), task 0 in
+    this process: the merged shards are the one-shot dataset. (Resubmitted tasks: test_rerun_...)"""
     import os
     import subprocess
     from pathlib import Path
@@ -175,13 +175,11 @@ def test_slurm_array_job_prepares_one_shard_per_task(tokenizer_dir, tmp_path):
     script = Path(__file__).resolve().parents[1] / "slurm" / "prepare_data.sh"
     env = {**os.environ, "TOKENIZER": str(tokenizer_dir), "OUTPUT_PREFIX": str(tmp_path / "sh" / "c"), "WORKERS": "0",
            "SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_MIN": "0"}
-    logs = []
-    for task in ("0", "1"):
-        out = subprocess.run(["bash", str(script), str(corpus)], env={**env, "SLURM_ARRAY_TASK_ID": task},
-                             capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0, out.stderr
-        logs.append(out.stdout)
-    assert logs[0].startswith("[data] shard 0/2 on ") and logs[1].startswith("[data] shard 1/2 on ")
+    out = subprocess.run(["bash", str(script), str(corpus)], env={**env, "SLURM_ARRAY_TASK_ID": "1"},
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("[data] shard 1/2 on ") and "\n3 documents, " in out.stdout  # the second file
+    assert _prepare([corpus], tokenizer_dir, tmp_path / "sh" / "c", "--shard", "0/2") == 0  # task 0, here
     assert _prepare([corpus], tokenizer_dir, tmp_path / "whole") == 0
     assert main(["data", "merge", str(tmp_path / "sh" / "c"), "--output-prefix", str(tmp_path / "m")]) == 0
     assert _bytes(tmp_path / "m") == _bytes(tmp_path / "whole")

@@ -84,36 +84,31 @@ def run_stats(args) -> int:
         raise UserError("name dataset prefixes, or a run config with --config")
     width = max(len(p) for p in prefixes) + 2
     print(f"{'dataset':<{width}}{'shards':>7}{'documents':>12}{'tokens':>15}{'tokens/doc':>11}")
-    found = {}
     for p in prefixes:
         parts = [counts(s) for s in resolve(p)]
         docs, tokens = sum(c.documents for c in parts), sum(c.tokens for c in parts)
-        found[p] = parts
         print(f"{p:<{width}}{len(parts):>7}{docs:>12}{tokens:>15}{tokens / max(docs, 1):>11.0f}")
     if cfg is None:
         return 0
-    return _epochs(cfg, found)
+    return _epochs(cfg)
 
 
-def _epochs(cfg, found: dict) -> int:
-    """Epochs of each blend component's train split that the run's train_steps read (megatron's blend
-    samples each component in proportion to its weight)."""
-    from ..data.indexed import counts, resolve
+def _epochs(cfg) -> int:
+    from megatron.core.datasets.blended_megatron_dataset_config import parse_and_normalize_split
+
+    from ..data.indexed import blend_use, repeat_warning
 
     weights, prefixes = [float(w) for w in cfg.data.blend[0::2]], [str(p) for p in cfg.data.blend[1::2]]
     tokens = cfg.tokens()
+    share = parse_and_normalize_split(cfg.data.split)[0]
     print(f"\nthe run reads {tokens:,} tokens ({cfg.optim.train_steps} steps x {cfg.optim.global_batch_size} "
-          f"x {cfg.data.seq_length}); train split {cfg.data.split.split(',')[0]}% of each dataset's documents")
-    print(f"{'component':<40}{'weight':>8}{'train tokens':>15}{'read':>15}{'epochs':>8}")
-    repeats = []
-    for w, p in zip(weights, prefixes):
-        parts = found.get(p) or [counts(s) for s in resolve(p)]
-        have = sum(c.train_tokens(cfg.data.split) for c in parts)
-        read = tokens * w / sum(weights)
-        epochs = read / max(have, 1)
-        print(f"{p:<40}{w / sum(weights):>8.3f}{have:>15,}{read:>15,.0f}{epochs:>8.2f}")
-        if epochs > 1:
-            repeats.append(f"{p} ({epochs:.2f} epochs)")
-    if repeats:
-        print(f"warning: the run repeats data: {', '.join(repeats)}; add data or lower optim.train_steps")
+          f"x {cfg.data.seq_length}); the train split is {share:.1%} of each dataset's documents")
+    width = max([len(p) for p in prefixes] + [9]) + 2
+    print(f"{'component':<{width}}{'weight':>8}{'train tokens':>18}{'read':>18}{'epochs':>10}")
+    uses = blend_use(weights, prefixes, cfg.data.split, tokens)
+    for u in uses:
+        print(f"{u.prefix:<{width}}{u.share:>8.3f}{u.train_tokens:>18,}{u.read:>18,.0f}{u.epochs:>10.2f}")
+    warning = repeat_warning(uses)
+    if warning:
+        print(f"warning: {warning}")
     return 0

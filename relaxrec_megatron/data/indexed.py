@@ -129,3 +129,28 @@ def expand_blend(weights: list[float], prefixes: list[str]) -> tuple[list[float]
         out_w += [w * t / sum(tokens) for t in tokens]
         out_p += parts
     return out_w, out_p
+
+
+@dataclass
+class ComponentUse:
+    prefix: str
+    share: float  # of the blend's samples
+    train_tokens: int  # in the component's train split
+    read: float  # tokens the run reads from it
+
+    @property
+    def epochs(self) -> float:
+        return self.read / max(self.train_tokens, 1)
+
+
+def blend_use(weights: list[float], prefixes: list[str], split: str, run_tokens: int) -> list[ComponentUse]:
+    """What a run of `run_tokens` reads of each blend component (each prefix a dataset or a shard set):
+    megatron's blend samples the components in proportion to their weights."""
+    total = sum(weights)
+    return [ComponentUse(p, w / total, sum(counts(s).train_tokens(split) for s in resolve(p)), run_tokens * w / total)
+            for w, p in zip(weights, prefixes)]
+
+
+def repeat_warning(uses: list[ComponentUse]) -> str | None:
+    over = [f"{u.prefix} ({u.epochs:.2f} epochs)" for u in uses if u.epochs > 1]
+    return f"the run repeats data: {', '.join(over)}; add data or lower optim.train_steps" if over else None

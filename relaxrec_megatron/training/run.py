@@ -71,6 +71,20 @@ def on_rank0(work, timeout_s: float | None = None) -> None:
         raise UserError(error[0])
 
 
+def check_data(cfg: TrainConfig) -> None:
+    """data.blend's datasets exist (a one-line error otherwise); rank 0 warns when the run repeats them."""
+    from ..data.indexed import blend_use, repeat_warning
+
+    try:
+        uses = blend_use([float(w) for w in cfg.data.blend[0::2]], [str(p) for p in cfg.data.blend[1::2]],
+                         cfg.data.split, cfg.tokens())
+    except UserError as e:
+        raise UserError(f"data.blend: {e}") from None
+    warning = repeat_warning(uses)
+    if warning and dist.get_rank() == 0:
+        print(f"[train] warning: {warning}", flush=True)
+
+
 def build_data(cfg: TrainConfig, student_dir: Path):
     from .data import TokenizerInfo, build_datasets
 
@@ -142,6 +156,7 @@ def train(cfg: TrainConfig) -> list[dict]:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1, default=str))
     check_eval_tasks(cfg)
+    check_data(cfg)  # before the conversion, which can take hours
     student_dir, teacher_dir = prepare_checkpoints(cfg, run_dir)
     train_ds, valid_ds = build_data(cfg, student_dir)
     trainer = Trainer(cfg, student_dir, teacher_dir, signals)
