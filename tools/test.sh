@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fresh machine -> the test suite (CPU only: about 13 minutes on 2 cores once the environment exists,
+# Fresh machine -> the test suite (CPU only: about 17 minutes on 2 cores once the environment exists,
 # which takes about 3 minutes to build).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
