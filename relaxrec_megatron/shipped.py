@@ -40,11 +40,11 @@ def hf_config(model: str) -> dict:
 
     from .errors import UserError
 
-    path = Path(model).expanduser()
+    path, shipped = Path(model).expanduser(), model_config(HUB_IDS.get(model, model))
     if path.is_dir():
         path = path / "config.json"
-    elif not path.exists() and model_config(HUB_IDS.get(model, model)) is not None:
-        path = model_config(HUB_IDS.get(model, model))
+    elif not path.exists() and shipped is not None:
+        path = shipped
     elif not path.exists() and model.count("/") == 1 and not model.startswith((".", "/", "~")):
         from huggingface_hub import hf_hub_download
 
@@ -53,8 +53,8 @@ def hf_config(model: str) -> dict:
         except Exception as e:
             raise UserError(f"cannot fetch config.json of {model!r} ({type(e).__name__}); pass a local config.json") from None
     if not path.is_file():
-        shipped = ", ".join(sorted(p.stem for p in MODELS.glob("*.json")))
-        raise UserError(f"{model}: no such config.json, folder or shipped model ({shipped})")
+        names = ", ".join(sorted(p.stem for p in MODELS.glob("*.json")))
+        raise UserError(f"{model}: no such config.json, folder or shipped model ({names})")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:

@@ -35,16 +35,13 @@ def run(root: Path, name: str, world: int, overrides=(), fresh=True, **kw) -> li
 
 def planned_bytes_match(root: Path, name: str, world: int, overrides=()) -> None:
     """relaxrec plan's parameter and optimizer-state bytes on every rank equal what that rank allocated."""
-    from relaxrec_megatron.training import memory
     from relaxrec_megatron.training.config import load_config
-    from relaxrec_megatron.training.planning import models, stage_memory
+    from relaxrec_megatron.training.planning import plan
 
     cfg = load_config(root / "c.yaml", list(overrides))
-    p = cfg.parallel
-    student, teacher, _, _ = models(cfg)
-    lay = memory.Layout(p.tp, p.pp, world // (p.tp * p.pp), p.sequence_parallel)
+    stages = plan(cfg, world)["stages"]
     for rank in range(world):
-        planned = stage_memory(cfg, student, teacher, lay, stage=rank // (world // p.pp))  # ranks: TP, then DP, then PP
+        planned = stages[rank // (world // cfg.parallel.pp)]  # ranks: TP, then DP, then PP
         measured = torch.load(root / f"{name}.alloc.rank{rank}.pt")
         assert {k: planned[k] for k in measured} == measured, (rank, planned, measured)
 

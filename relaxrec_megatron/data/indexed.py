@@ -40,11 +40,11 @@ def resolve(prefix: str | Path) -> list[str]:
     found = sorted(base.parent.glob(f"{base.name}-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9].idx"))
     if not found:
         raise UserError(f"{p}.bin/.idx not found (nor shards {p}-*-of-*); make it with `relaxrec data prepare`")
-    counts = {int(SHARD_RE.match(f.name[:-4])["count"]) for f in found}
-    if len(counts) > 1:
-        raise UserError(f"{p}: shards of different splits ({', '.join(f'of {c}' for c in sorted(counts))}) "
+    splits = {int(SHARD_RE.match(f.name[:-4])["count"]) for f in found}
+    if len(splits) > 1:
+        raise UserError(f"{p}: shards of different splits ({', '.join(f'of {c}' for c in sorted(splits))}) "
                         "side by side; remove the stale ones")
-    count = counts.pop()
+    count = splits.pop()
     shards = [shard_prefix(p, i, count) for i in range(count)]
     missing = [str(i) for i, s in enumerate(shards) if not _complete(s)]
     if missing:

@@ -68,8 +68,7 @@ class RelaxedSettings:
 
     # -- pipeline stage layout -----------------------------------------------------------------
     def stage_layers(self, pp_rank: int) -> range:
-        per = self.plan.num_layers // self.layout.pp
-        return range(pp_rank * per, (pp_rank + 1) * per)
+        return self.plan.stage_layers(self.layout.pp, pp_rank)
 
     def stage_shared(self, pp_rank: int) -> dict[int, dict[int, int]]:
         """shared layer -> {loop: unrolled layer} run on this stage."""

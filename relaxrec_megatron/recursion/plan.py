@@ -66,6 +66,11 @@ class SharingPlan:
         """Unrolled (= source) layers that run shared layer `shared`, in loop order."""
         return [self.unrolled_index(shared, b) for b in range(self.num_loops)]
 
+    def stage_layers(self, pp: int, stage: int) -> range:
+        """Unrolled layers of pipeline stage `stage` of `pp` (an even split)."""
+        per = self.num_layers // pp
+        return range(stage * per, (stage + 1) * per)
+
     def layout(self) -> list[tuple[int, int]]:
         """(shared, loop) for every unrolled layer, in execution order."""
         return [(self.shared_index(l), self.loop_index(l)) for l in range(self.num_layers)]

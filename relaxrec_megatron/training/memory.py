@@ -53,16 +53,11 @@ class Layout:
     sequence_parallel: bool = False
 
 
-def stage_layers(plan: SharingPlan, pp: int, stage: int) -> range:
-    per = plan.num_layers // pp
-    return range(stage * per, (stage + 1) * per)
-
-
 def param_groups(m: Model, lay: Layout, stage: int) -> tuple[int, int]:
     """(weight-decay, no-decay) parameter elements on one rank of `stage`: the trainer's two AdamW
     groups (matrices; vectors and norms)."""
     s, tp = m.shapes, lay.tp
-    layers = stage_layers(m.plan, lay.pp, stage)
+    layers = m.plan.stage_layers(lay.pp, stage)
     shared = {m.plan.shared_index(l) for l in layers}
     norm = s.hidden * (2 if s.norm_has_bias else 1)
     matrices = len(shared) * sum(o * i for o, i in s.linears.values()) // tp
@@ -133,7 +128,7 @@ def activation_bytes(m: Model, lay: Layout, stage: int, micro_batch: int, seq: i
     layer's activations while it is recomputed."""
     b = DTYPE_BYTES[dtype]
     tokens = micro_batch * seq
-    layers = len(stage_layers(m.plan, lay.pp, stage))
+    layers = len(m.plan.stage_layers(lay.pp, stage))
     in_flight = min(lay.pp - stage, micro_batches)
     one_layer = layer_activation_elements(m.shapes, m.ranks, tokens, lay)
     if recompute:

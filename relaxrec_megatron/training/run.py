@@ -72,17 +72,21 @@ def on_rank0(work, timeout_s: float | None = None) -> None:
 
 
 def check_data(cfg: TrainConfig) -> None:
-    """data.blend's datasets exist (a one-line error otherwise); rank 0 warns when the run repeats them."""
+    """data.blend's datasets exist, checked by rank 0 before the conversion, and every rank raises a
+    one-line error if not; rank 0 warns when the run repeats them."""
     from ..data.indexed import blend_use, repeat_warning
 
-    try:
-        uses = blend_use([float(w) for w in cfg.data.blend[0::2]], [str(p) for p in cfg.data.blend[1::2]],
-                         cfg.data.split, cfg.tokens())
-    except UserError as e:
-        raise UserError(f"data.blend: {e}") from None
-    warning = repeat_warning(uses)
-    if warning and dist.get_rank() == 0:
-        print(f"[train] warning: {warning}", flush=True)
+    def check() -> None:
+        try:
+            uses = blend_use([float(w) for w in cfg.data.blend[0::2]], [str(p) for p in cfg.data.blend[1::2]],
+                             cfg.data.split, cfg.tokens())
+        except UserError as e:
+            raise UserError(f"data.blend: {e}") from None
+        warning = repeat_warning(uses)
+        if warning:
+            print(f"[train] warning: {warning}", flush=True)
+
+    on_rank0(check)
 
 
 def build_data(cfg: TrainConfig, student_dir: Path):
