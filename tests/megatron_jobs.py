@@ -34,11 +34,27 @@ def _save_if_writer(obj, path: Path) -> None:
         torch.save(obj, path)
 
 
-def parity_job(cases: list[tuple[str, str]], tokens: torch.Tensor, layout: dict, out_dir: str) -> None:
-    """For each (name, relaxed_dir): logits, and canonical gradients after one backward of the summed CE."""
+def _canonical_grads(model, settings) -> dict:
+    """{canonical name: (TP axis, TP rank, this rank's shard of the gradient)} of the parameters this
+    rank owns (a replica's main stage; TP rank 0 for unsplit ones)."""
     from megatron.core import parallel_state as ps
 
-    from relaxrec_megatron.model.state_adapter import load_canonical, local_shard, pieces
+    from relaxrec_megatron.model.state_adapter import local_shard, pieces
+
+    params, grads = dict(model.named_parameters()), {}
+    for piece in pieces(model, settings):
+        if not piece.main_stage or (piece.tp_axis is None and ps.get_tensor_model_parallel_rank() > 0):
+            continue
+        grads[piece.canon] = (piece.tp_axis, ps.get_tensor_model_parallel_rank(),
+                              local_shard(piece, params[piece.param].grad))
+    return grads
+
+
+def parity_job(cases: list[tuple[str, str]], tokens: torch.Tensor, layout: dict, out_dir: str,
+               exit_cases: list[dict] = ()) -> None:
+    """For each (name, relaxed_dir): logits, and canonical gradients after one backward of the summed CE.
+    Then each exit case: the trainer's objective and step on one micro-batch (exit_job)."""
+    from relaxrec_megatron.model.state_adapter import load_canonical
     from relaxrec_megatron.parallel.grads import finalize_grads, shared_layer_groups
     from relaxrec_megatron.parallel.schedule import batch_from_tokens, forward_backward
 
@@ -50,20 +66,42 @@ def parity_job(cases: list[tuple[str, str]], tokens: torch.Tensor, layout: dict,
         model.train()
         model.zero_grad()
         forward_backward(model, [batch_from_tokens(tokens)])
-        params = dict(model.named_parameters())
-
-        def canonical_grads():
-            grads = {}
-            for piece in pieces(model, settings):
-                if not piece.main_stage or (piece.tp_axis is None and ps.get_tensor_model_parallel_rank() > 0):
-                    continue
-                g = params[piece.param].grad
-                grads[piece.canon] = (piece.tp_axis, ps.get_tensor_model_parallel_rank(), local_shard(piece, g))
-            return grads
-
-        torch.save(canonical_grads(), out / f"{name}.rawgrads.rank{dist.get_rank()}.pt")
+        torch.save(_canonical_grads(model, settings), out / f"{name}.rawgrads.rank{dist.get_rank()}.pt")
         finalize_grads(model, settings, shared_layer_groups(settings))
-        torch.save(canonical_grads(), out / f"{name}.grads.rank{dist.get_rank()}.pt")
+        torch.save(_canonical_grads(model, settings), out / f"{name}.grads.rank{dist.get_rank()}.pt")
+    for case in exit_cases:
+        exit_job(case, tokens, layout, out)
+
+
+def exit_job(case: dict, tokens: torch.Tensor, layout: dict, out: Path) -> None:
+    """The training objective with early exits (training.objective) through the trainer's step
+    (training.step) on one micro-batch: its reports on the last stage, and the canonical gradients
+    after the gradient contracts. case: name, student, teacher (or None), kd and exit config fields."""
+    from relaxrec_megatron.model.state_adapter import load_canonical
+    from relaxrec_megatron.parallel.grads import finalize_grads, shared_layer_groups
+    from relaxrec_megatron.parallel.schedule import batch_from_tokens
+    from relaxrec_megatron.training.config import ExitConfig, KDConfig
+    from relaxrec_megatron.training.objective import Objective
+    from relaxrec_megatron.training.step import forward_backward
+
+    reader, settings, student = _setup(Path(case["student"]), **layout)
+    load_canonical(student, settings, reader.get)
+    teacher = None
+    if case["teacher"]:  # in the same groups as the student
+        from relaxrec_megatron.hf.checkpoint import CheckpointReader
+        from relaxrec_megatron.model.settings import RelaxedSettings
+        from relaxrec_megatron.parallel.distributed import build_model
+
+        t_reader = CheckpointReader(case["teacher"])
+        t_settings = RelaxedSettings(t_reader.config, settings.layout)
+        teacher = build_model(t_settings)
+        load_canonical(teacher, t_settings, t_reader.get)
+    objective = Objective(student, teacher, KDConfig(**case["kd"]), ExitConfig(enabled=True, **case["exit"]))
+    student.train()
+    stored = forward_backward(objective, [batch_from_tokens(tokens)], layout["pp"])
+    _save_if_writer(stored[0] if stored else None, out / f"{case['name']}.reports.pt")
+    finalize_grads(student, settings, shared_layer_groups(settings))
+    torch.save(_canonical_grads(student, settings), out / f"{case['name']}.grads.rank{dist.get_rank()}.pt")
 
 
 def save_job(relaxed_dir: str, tp: int, pp: int, ckpt_dir: str) -> None:
@@ -112,7 +150,7 @@ def train_job(config_path: str, overrides: list[str], out_path: str, nan_steps=(
     from relaxrec_megatron.training.config import load_config
     from relaxrec_megatron.training.run import train, train_entry
 
-    original_loss_step, original_save = trainer_mod.Trainer._loss_step, trainer_mod.Trainer.save
+    original_loss_step, original_save = trainer_mod.Trainer.loss_step, trainer_mod.Trainer.save
 
     def poisoned(self, batches, forward_only=False):
         out = original_loss_step(self, batches, forward_only)
@@ -160,7 +198,7 @@ def train_job(config_path: str, overrides: list[str], out_path: str, nan_steps=(
             return real_finalize(model, settings, groups)
 
         grads.finalize_grads = probing
-    trainer_mod.Trainer._loss_step, trainer_mod.Trainer.save = poisoned, crashing_save
+    trainer_mod.Trainer.loss_step, trainer_mod.Trainer.save = poisoned, crashing_save
     trainer_mod.Trainer.train_step = step_then_signal
     import torch.distributed as dist
 
@@ -184,7 +222,7 @@ def allocations(trainer) -> dict:
     own = {p.data_ptr() for p in trainer.student.parameters()}
     inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
     stepped = [p for g in inner.param_groups for p in g["params"]]
-    teacher = trainer.model.teacher[0] if hasattr(trainer.model, "teacher") else None
+    teacher = trainer.model.teacher[0] if trainer.model.teacher else None
     return {"student weights": size(trainer.student.parameters()),
             "teacher weights": size(teacher.parameters()) if teacher is not None else 0,
             "fp32 master weights": size(p for p in stepped if p.data_ptr() not in own),

@@ -2,6 +2,7 @@
 they score (relaxed, vanilla, Megatron checkpoints), against the source model and plain-torch references."""
 
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -13,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 from relaxrec_megatron.cli.main import main
 from relaxrec_megatron.evaluation.local_tasks import (LASTWORD, TASKS_DIR, continuation_samples, lastword_samples,
                                                      sentences)
+from relaxrec_megatron.data.pydoc_text import pydoc_topics
 from relaxrec_megatron.evaluation.ppl import token_nlls, windows
 from relaxrec_megatron.hf.convert import RecursionSpec, convert_to_relaxed
 from relaxrec_megatron.hf.smollm import smollm_checkpoint
@@ -291,3 +293,64 @@ logging: {{wandb_mode: disabled}}
     assert acc == np.mean([s["metrics"]["acc"] for s in samples(report, str(step), LASTWORD)])
     line = [l for l in capfd.readouterr().out.splitlines() if l.startswith("[eval] relaxrec")]
     assert len(line) == 1 and f"{LASTWORD}/acc {acc:.4f}" in line[0]
+
+
+# -- early exits ------------------------------------------------------------------------------------
+
+def test_exit_sweep_by_hand():
+    from relaxrec_megatron.evaluation.exits import LoopStats, calibrate, exit_loops, sweep
+
+    # 3 loops, 4 tokens; the last loop's greedy tokens are [5, 6, 7, 8]
+    conf = torch.tensor([[0.9, 0.2, 0.6, 0.1], [0.95, 0.7, 0.1, 0.3], [0.0, 0.0, 0.0, 0.0]])
+    greedy = torch.tensor([[5, 1, 7, 2], [5, 6, 3, 8], [5, 6, 7, 8]])
+    nll = torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.5, 1.5, 2.5, 3.5], [0.25, 1.25, 2.25, 3.25]], dtype=torch.float64)
+    stats = LoopStats(nll, greedy, {"maxprob": conf, "margin": conf})
+    assert exit_loops(conf, torch.tensor([0.5, 0.65])).tolist() == [[0, 1, 0, 2], [0, 1, 2, 2]]
+    row = sweep(stats, "maxprob", [0.5])[0]
+    assert row["exit_fractions"] == [0.5, 0.25, 0.25] and row["mean_loops"] == pytest.approx(1.75)
+    assert row["agreement"] == 1.0  # token 0 and 2 agree at loop 0, token 1 at loop 1, token 3 is final
+    assert row["perplexity"] == pytest.approx(math.exp((1.0 + 1.5 + 3.0 + 3.25) / 4))
+    assert sweep(stats, "maxprob", [0.15])[0]["agreement"] == 0.75  # token 1 now leaves at loop 0, where 1 != 6
+    chosen = calibrate(stats, "maxprob", 0.99, resolution=100)
+    assert chosen["threshold"] == pytest.approx(0.21) and chosen["agreement"] == 1.0
+
+
+def test_each_loops_exit_is_the_truncated_source(models):
+    # full rank with per-layer norms: loop 1 of 2 runs exactly the source's first 2 of 4 layers, and its
+    # exit (final norm, LM head) is then the source cut to those 2 layers
+    from relaxrec_megatron.evaluation.exits import loop_stats
+
+    ids = torch.randint(0, 1000, (29,), generator=torch.Generator().manual_seed(2))
+    full = AutoModelForCausalLM.from_pretrained(models / "full").eval()
+    stats = loop_stats(full, [ids], context=12, stride=5, batch_size=2)
+    for layers, loop in ((2, 0), (4, 1)):
+        source = AutoModelForCausalLM.from_pretrained(models / "src", num_hidden_layers=layers).eval()
+        assert (stats.nll[loop] - token_nlls(source, ids, 12, 5)).abs().max() <= 1e-4
+    assert (stats.nll[0] - stats.nll[1]).abs().max() > 0.1
+
+
+def test_eval_exits_calibrates_and_serving_reads_it(models, tmp_path, capsys):
+    from relaxrec_megatron.evaluation.exits import stored_threshold
+
+    model = tmp_path / "full"
+    shutil.copytree(models / "full", model)
+    data = tmp_path / "heldout.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in pydoc_topics("heldout")[:3]))
+    png = tmp_path / "exits.png"
+    report = eval_json(["eval", "exits", str(model), "--data", str(data), "--max-tokens", "400", "--context", "64",
+                        "--agreement", "0.9", "--plot", str(png)], tmp_path / "exits.json")
+    assert png.stat().st_size > 10_000 and report["tokens"] > 300
+    assert len(report["per_loop_perplexity"]) == 2
+    stored = json.loads((model / "exit_calibration.json").read_text())
+    assert stored["maxprob"] == report["maxprob"] and stored["maxprob"]["agreement"] >= 0.9
+    assert stored_threshold(model, "maxprob") == report["maxprob"]["threshold"]
+    out = capsys.readouterr().out
+    assert "perplexity by loop" in out and "maxprob*" in out
+    assert main(["generate", str(model), "Hello", "--exit", "maxprob", "--threshold", "auto",
+                 "--max-new-tokens", "3"]) == 0
+    capsys.readouterr()
+    assert "no exit_calibration.json; run `relaxrec eval exits" in run_error(
+        capsys, ["generate", str(models / "full"), "Hi", "--exit", "maxprob", "--threshold", "auto"])
+    assert "needs an exit rule" in run_error(capsys, ["generate", str(model), "Hi", "--threshold", "auto"])
+    assert "not a relaxed recursive checkpoint" in run_error(
+        capsys, ["eval", "exits", str(models / "src"), "--data", str(data)])

@@ -1,7 +1,6 @@
 """The megatron-core relaxed recursive model on CPU (gloo, fp32): parity with the HF reference model
 under TP/PP, the tied-gradient contract across pipeline stages, and resharding dist checkpoints."""
 
-import glob
 import json
 import subprocess
 import sys
@@ -13,60 +12,13 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 import relaxrec_megatron  # noqa: F401
-from megatron_jobs import fp8_context_job, load_job, parity_job, save_job, te_row_lora_job
+from megatron_jobs import fp8_context_job, load_job, save_job, te_row_lora_job
+from parity import CASES, LAYOUTS, TOKENS, full_grads
 from relaxrec_megatron.parallel.local_world import run_world
 from relaxrec_megatron.errors import UserError
 from relaxrec_megatron.hf.checkpoint import CheckpointReader
-from relaxrec_megatron.hf.convert import RecursionSpec, convert_to_relaxed
 from relaxrec_megatron.model.checkpoint import check_compatible, read_config
 from relaxrec_megatron.model.settings import ParallelLayout, RelaxedSettings
-
-# (name, arch, spec): LoRA and pure recursive for every architecture; per-layer norms/biases and
-# SEQUENCE order are covered on the way
-CASES = [
-    ("llama-lora", "llama", RecursionSpec(rank=3)),
-    ("llama-pure", "llama", RecursionSpec(rank=0, strategy="sequence")),
-    ("gemma-lora", "gemma", RecursionSpec(rank=4, strategy="sequence", share_norms=False)),
-    ("gemma-pure", "gemma", RecursionSpec(rank=0, init="stepwise")),
-    ("neox-lora", "gpt_neox", RecursionSpec(rank=-1, share_norms=False, share_biases=False)),
-    ("neox-pure", "gpt_neox", RecursionSpec(rank=0, strategy="sequence")),
-]
-LAYOUTS = {
-    "tp1pp1": dict(tp=1, pp=1),
-    "tp2pp1": dict(tp=2, pp=1),
-    "tp1pp2": dict(tp=1, pp=2),
-    "tp2pp1-sp": dict(tp=2, pp=1, sp=True),
-    "tp1pp2-recompute": dict(tp=1, pp=2, recompute=True),
-}
-TOKENS = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(0))
-
-
-@pytest.fixture(scope="module")
-def relaxed(tiny_dirs, tmp_path_factory):
-    root = tmp_path_factory.mktemp("relaxed")
-    for name, arch, spec in CASES:
-        convert_to_relaxed(str(tiny_dirs[arch]), root / name, spec, progress=False)
-    return root
-
-
-@pytest.fixture(scope="module")
-def runs(relaxed, tmp_path_factory):
-    """One spawned world per layout runs every case (logits and gradients to files)."""
-    root = tmp_path_factory.mktemp("runs")
-    cases = [(name, str(relaxed / name)) for name, _, _ in CASES]
-    for name, layout in LAYOUTS.items():
-        (root / name).mkdir()
-        run_world(parity_job, layout["tp"] * layout["pp"], cases, TOKENS, layout, str(root / name), timeout=600)
-    return root
-
-
-def full_grads(folder: Path, name: str, kind: str = "grads") -> dict[str, torch.Tensor]:
-    parts: dict[str, dict[int, tuple]] = {}
-    for f in sorted(glob.glob(f"{folder}/{name}.{kind}.rank*.pt")):
-        for canon, (axis, tp_rank, t) in torch.load(f).items():
-            parts.setdefault(canon, {})[tp_rank] = (axis, t)
-    return {c: d[0][1] if d[0][0] is None else torch.cat([d[r][1] for r in sorted(d)], d[0][0])
-            for c, d in parts.items()}
 
 
 def hf_logits(folder: Path) -> torch.Tensor:
@@ -77,14 +29,14 @@ def hf_logits(folder: Path) -> torch.Tensor:
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("name", [c[0] for c in CASES])
-def test_logits_equal_the_hf_reference(runs, relaxed, layout, name):
-    got = torch.load(runs / layout / f"{name}.logits.pt")
+def test_logits_equal_the_hf_reference(parity_runs, relaxed, layout, name):
+    got = torch.load(parity_runs / layout / f"{name}.logits.pt")
     diff = (got - hf_logits(relaxed / name)).abs().max().item()
     assert diff <= 1e-4, diff
 
 
 @pytest.mark.parametrize("name", [c[0] for c in CASES])
-def test_gradients_equal_the_hf_reference(runs, relaxed, name):
+def test_gradients_equal_the_hf_reference(parity_runs, relaxed, name):
     """Single-process Megatron gradients (after finalize_grads) vs autograd through the HF reference
     model on the same loss: the summed next-token cross entropy."""
     from relaxrec_megatron.model.state_adapter import canonical_getter
@@ -94,7 +46,7 @@ def test_gradients_equal_the_hf_reference(runs, relaxed, name):
     F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), TOKENS[:, 1:].reshape(-1), reduction="sum").backward()
     grads = {n: p.grad for n, p in model.named_parameters()}
     reference = canonical_getter(grads.__getitem__, model.config.num_key_value_heads)
-    got = full_grads(runs / "tp1pp1", name)
+    got = full_grads(parity_runs / "tp1pp1", name)
     assert got and any(".lora." in k for k in got) == ("pure" not in name)
     pad = model.config.pad_token_id
     for key, g in got.items():
@@ -110,8 +62,8 @@ def test_gradients_equal_the_hf_reference(runs, relaxed, name):
 
 @pytest.mark.parametrize("layout", [name for name in LAYOUTS if name != "tp1pp1"])
 @pytest.mark.parametrize("name", [c[0] for c in CASES])
-def test_gradients_equal_single_process(runs, layout, name):
-    ref, got = full_grads(runs / "tp1pp1", name), full_grads(runs / layout, name)
+def test_gradients_equal_single_process(parity_runs, layout, name):
+    ref, got = full_grads(parity_runs / "tp1pp1", name), full_grads(parity_runs / layout, name)
     assert got.keys() == ref.keys()
     assert any(".lora." in k for k in ref) == ("pure" not in name)
     for key in ref:
@@ -121,10 +73,10 @@ def test_gradients_equal_single_process(runs, layout, name):
 
 @pytest.mark.parametrize("layout, key", [("tp1pp2", "model.layers.0.attn.qkv.weight"),
                                          ("tp2pp1", "model.relax.0.lora.o.lora_B")])
-def test_gradient_contracts_are_needed(runs, layout, key):
+def test_gradient_contracts_are_needed(parity_runs, layout, key):
     """Guards the test above: before finalize_grads, a shared layer's gradient on a CYCLE PP=2 stage is
     only its loop's share, and a row-parallel LoRA B's gradient is a partial sum over TP."""
-    ref, raw = full_grads(runs / "tp1pp1", "llama-lora"), full_grads(runs / layout, "llama-lora", "rawgrads")
+    ref, raw = full_grads(parity_runs / "tp1pp1", "llama-lora"), full_grads(parity_runs / layout, "llama-lora", "rawgrads")
     assert float((raw[key] - ref[key]).norm() / ref[key].norm()) > 1e-2
 
 
@@ -137,10 +89,10 @@ def test_each_unrolled_layer_runs_in_megatrons_fp8_context_for_it(relaxed, tmp_p
     assert len(depth) > 2 and got["asked"] == depth + depth[::-1]
 
 
-def test_dist_checkpoint_reshards(relaxed, runs, tmp_path):
+def test_dist_checkpoint_reshards(relaxed, parity_runs, tmp_path):
     name = "gemma-lora"
     run_world(save_job, 2, str(relaxed / name), 2, 1, str(tmp_path / "ckpt"), timeout=600)
-    reference = torch.load(runs / "tp1pp1" / f"{name}.logits.pt")
+    reference = torch.load(parity_runs / "tp1pp1" / f"{name}.logits.pt")
     for tp, pp in [(1, 2), (1, 1)]:
         out = tmp_path / f"logits-{tp}{pp}.pt"
         run_world(load_job, tp * pp, str(relaxed / name), tp, pp, str(tmp_path / "ckpt"), TOKENS, str(out), timeout=600)

@@ -79,6 +79,26 @@ def test_fp8_settings_that_cannot_work_are_refused(overrides, message):
         load_config(FP8, overrides).validate()
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["exit.weights=[0.1, 0.2, 1.0]"], r"exit.weights has 3 entries for a model with 2 loops; .*\[0.1, 1.0\]"),
+    (["exit.weights=[0.1, 0]"], "the last loop's weight must be positive"),
+    (["exit.weights=[-1, 1]"], "list of non-negative numbers"),
+    (["exit.distill=teacher", "kd.enabled=false"], "set kd.enabled=true, or exit.distill=final"),
+    (["exit.distill=oracle"], "exit.distill must be one of final, teacher, none"),
+    (["model.recursion.strategy=sequence"], "needs model.recursion.strategy=cycle"),
+    (["model.recursion.loops=1"], "needs model.recursion.loops >= 2"),
+])
+def test_exit_settings_that_cannot_work_are_refused(overrides, message):
+    with pytest.raises(UserError, match=message):
+        load_config(GEMMA, ["exit.enabled=true", *overrides]).validate()
+
+
+def test_exit_weights_default_to_the_aggressive_coefficient():
+    cfg = load_config(GEMMA, ["exit.enabled=true"])
+    cfg.validate()
+    assert cfg.exit.loop_weights(3) == [0.1, 0.1, 1.0]
+
+
 def test_low_precision_weights_need_a_master_copy():
     with pytest.raises(UserError, match="no fp32 master copy; use zero_stage 1 or 2"):
         load_config(GEMMA, ["parallel.zero_stage=0", "model.dtype=bf16"]).validate()

@@ -74,6 +74,14 @@ def test_planned_bytes_without_zero(setup, baseline):
     planned_bytes_match(setup, "z0-dp2", 2, ["parallel.zero_stage=0"])
 
 
+def test_exit_training_with_zero_earlier_weights_is_the_trainer_without_exits(setup, baseline):
+    # the exit path runs (both loops' exits, distilled from the final loop) but adds 0 x each earlier loss
+    got = run(setup, "exit0", 1, ["exit.enabled=true", "exit.weights=[0, 1]"])
+    assert [r["loss"] for r in got] == [r["loss"] for r in baseline]
+    assert [r["loop2_loss"] for r in got] == [r["lm_loss"] for r in baseline]
+    assert all(r["loop1_loss"] != r["loop2_loss"] for r in got)
+
+
 def test_pipeline_and_tensor_parallel_match_one_rank(setup, baseline):
     got = run(setup, "pp2", 2, ["parallel.pp=2"])
     assert ((losses(got) - losses(baseline)).abs() / losses(baseline)).max() <= 1e-5

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from .options import require_served_checkpoint, resolve_device
+from .options import exit_threshold, require_matplotlib, require_served_checkpoint, resolve_device
 
 
 def add_parser(sub) -> None:
@@ -29,7 +29,9 @@ def add_parser(sub) -> None:
     s.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                    help="serving dtype (bf16 is fast on CPUs with AMX/AVX512-BF16 and on GPUs)")
     s.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when present, else cpu)")
-    s.add_argument("--confidence", type=float, default=None, help="also run CDB with max-prob exits at this threshold")
+    s.add_argument("--confidence", "--threshold", dest="confidence", default=None,
+                   help="also run CDB with max-prob exits at this threshold, or auto: the one `relaxrec eval exits` "
+                        "calibrated and stored in --model")
     s.add_argument("--exit-prob", type=float, default=0.5,
                    help="also run CDB with sampled exit traces: each token exits after each non-final loop with this "
                         "probability (an uptrained model's exit rate; the served model's own oracle exits are rare "
@@ -46,6 +48,8 @@ def add_parser(sub) -> None:
                                                         "interleaved) and report the median run")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--json", default=None, help="write the rows to this file")
+    s.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="draw tokens/s against loops per token for each mode, measured and simulated (needs matplotlib)")
     s.set_defaults(run=run)
 
 
@@ -93,8 +97,10 @@ def run(args) -> int:
     elif min(args.loops) < 1 or args.rank < 0:
         raise UserError("--loops must be >= 1 and --rank >= 0")
     args.device = resolve_device(args.device)
-    if args.confidence is not None and not 0.0 <= args.confidence <= 1.0:
-        raise UserError(f"--confidence {args.confidence}: a max-prob threshold lies in [0, 1]")
+    if args.confidence is not None:
+        args.confidence = exit_threshold(args.confidence, args.model, "maxprob")
+    if args.plot:
+        require_matplotlib()
     if args.exit_prob > 1:
         raise UserError(f"--exit-prob {args.exit_prob}: a probability is at most 1")
     exit_prob = args.exit_prob if args.exit_prob >= 0 else None
@@ -113,4 +119,9 @@ def run(args) -> int:
         results[name] = rows
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
+    if args.plot:
+        from ..evaluation.plots import serve_throughput
+
+        serve_throughput(results, args.plot)
+        print(f"[bench] drew {args.plot}")
     return 0

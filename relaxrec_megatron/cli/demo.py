@@ -42,7 +42,6 @@ def run(args) -> int:
     from ..data.prepare import prepare
     from ..evaluation import harness
     from ..evaluation.local_tasks import CONTINUATION, LASTWORD
-    from ..hf.checkpoint import copy_side_files
     from ..hf.export import export_unrolled
     from ..hf.smollm import smollm_checkpoint
     from ..model.convert_megatron import megatron_to_relaxed
@@ -78,8 +77,7 @@ def run(args) -> int:
     run_world(train_entry, args.processes, args.config, list(args.overrides), timeout=3600)
     final = latest_checkpoint(run_dir / "checkpoints")
     trained = out / "relaxed-trained"
-    megatron_to_relaxed(final / "model", trained, overwrite=True)
-    copy_side_files(Path(source), trained)
+    megatron_to_relaxed(final / "model", trained, overwrite=True)  # with the tokenizer the run saved
     unrolled = out / "unrolled-trained"
     export_unrolled(trained, unrolled, overwrite=True, progress=False)
     say(f"exported {final.name} -> {trained} (relaxed HF) and {unrolled} (vanilla Llama)")

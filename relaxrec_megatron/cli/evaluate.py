@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from ..errors import UserError
-from .options import resolve_device
+from .options import require_matplotlib, resolve_device
 
 
 def _common(p) -> None:
@@ -41,15 +41,36 @@ def add_parser(sub) -> None:
     t.set_defaults(run=run_tasks)
     q = targets.add_parser("ppl", help="perplexity on a text corpus, sliding window")
     _common(q)
+    _corpus_args(q)
+    q.add_argument("--output", default=None, help="write the results as JSON")
+    q.set_defaults(run=run_ppl)
+    x = targets.add_parser("exits", help="early exits: each loop's perplexity, confidence thresholds, calibration")
+    x.add_argument("model", metavar="MODEL", help="relaxed recursive CYCLE checkpoint (HF folder or Megatron)")
+    _corpus_args(x, default_context=512)
+    x.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id (default: the checkpoint's)")
+    x.add_argument("--batch-size", type=int, default=8)
+    x.add_argument("--device", default=None, help="default: cuda when present, else cpu")
+    x.add_argument("--dtype", default="fp32", choices=["auto", "fp32", "bf16", "fp16"])
+    x.add_argument("--agreement", type=float, default=0.99,
+                   help="calibrate each criterion's threshold to this agreement with the full-depth greedy token")
+    x.add_argument("--no-store", action="store_true",
+                   help="do not write the calibrated thresholds into the checkpoint (exit_calibration.json)")
+    x.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="draw agreement and perplexity against mean loops per token (needs matplotlib)")
+    x.add_argument("--output", default=None, help="write every threshold's row as JSON")
+    x.add_argument("--verbose", action="store_true", help="show third-party logs")
+    x.set_defaults(run=run_exits)
+
+
+def _corpus_args(q, default_context: int = 1024) -> None:
     q.add_argument("--data", nargs="+", required=True, metavar="FILES|DATASET",
                    help="jsonl/json/parquet/txt/arrow files or folders of them, or a hub dataset (as data prepare)")
     q.add_argument("--text-key", default="text")
     q.add_argument("--split", default="train", help="split of a hub dataset")
-    q.add_argument("--context", type=int, default=1024, help="tokens in a window (capped at the model's positions)")
-    q.add_argument("--stride", type=int, default=512, help="tokens a window advances (<= context)")
+    q.add_argument("--context", type=int, default=default_context, help="tokens in a window (capped at the model's "
+                                                                       "positions)")
+    q.add_argument("--stride", type=int, default=None, help="tokens a window advances (<= context; default: half of it)")
     q.add_argument("--max-tokens", type=int, default=None, help="score the corpus's first N tokens only")
-    q.add_argument("--output", default=None, help="write the results as JSON")
-    q.set_defaults(run=run_ppl)
 
 
 def _positive(args, *names) -> None:
@@ -141,36 +162,53 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def run_ppl(args) -> int:
+def _check_corpus_args(args) -> None:
+    if args.stride is None:
+        args.stride = max(1, args.context // 2)
+    _positive(args, "context", "stride", "max_tokens", "batch_size")
+    if args.stride > args.context:
+        raise UserError(f"--stride {args.stride} is larger than --context {args.context}")
+
+
+def _texts(args) -> list[str]:
+    from ..data.corpus import corpus_texts, open_corpus
+
+    corpora = [open_corpus(src, args.split) for src in args.data]
+    return [t for ds, src in zip(corpora, args.data) for t in corpus_texts(ds, args.text_key, src)]
+
+
+def _documents(args, lm, tok, texts):
+    """(context, stride, token tensors of the documents, their tokens) for this model."""
     import torch
 
-    from ..data.corpus import corpus_texts, open_corpus
+    context = min(args.context, getattr(lm.config, "max_position_embeddings", args.context))
+    stride = min(args.stride, context)
+    docs, total = [], 0
+    for text in texts:
+        if args.max_tokens is not None and total >= args.max_tokens:
+            break
+        ids = tok(text).input_ids  # with the special tokens the tokenizer adds for this model
+        ids = ids[: args.max_tokens - total] if args.max_tokens is not None else ids
+        docs.append(torch.tensor(ids))
+        total += len(ids)
+    return context, stride, docs, total
+
+
+def run_ppl(args) -> int:
     from ..evaluation import harness
     from ..evaluation.models import export_dir, load, resolve
     from ..evaluation.ppl import corpus_perplexity
 
-    _positive(args, "context", "stride", "max_tokens", "batch_size")
-    if args.stride > args.context:
-        raise UserError(f"--stride {args.stride} is larger than --context {args.context}")
+    _check_corpus_args(args)
     args.device = resolve_device(args.device)
     harness.quiet(args.verbose)
-    corpora = [open_corpus(src, args.split) for src in args.data]
-    texts = [t for ds, src in zip(corpora, args.data) for t in corpus_texts(ds, args.text_key, src)]
+    texts = _texts(args)
     rows = []
     with export_dir() as tmp:
         models = [resolve(m, Path(tmp), args.tokenizer) for m in args.models]
         for m in models:
             lm, tok = load(m, args.device, args.dtype), m.tokenizer
-            context = min(args.context, getattr(lm.config, "max_position_embeddings", args.context))
-            stride = min(args.stride, context)
-            docs, total = [], 0
-            for text in texts:
-                if args.max_tokens is not None and total >= args.max_tokens:
-                    break
-                ids = tok(text).input_ids  # with the special tokens the tokenizer adds for this model
-                ids = ids[: args.max_tokens - total] if args.max_tokens is not None else ids
-                docs.append(torch.tensor(ids))
-                total += len(ids)
+            context, stride, docs, total = _documents(args, lm, tok, texts)
             print(f"[eval] {m.name}: {len(docs)} documents, {total} tokens, context {context}, stride {stride}",
                   flush=True)
             stats = corpus_perplexity(lm, docs, context, stride, args.batch_size, total_tokens=total)
@@ -185,3 +223,84 @@ def run_ppl(args) -> int:
         _write_json(args.output, {"data": args.data, "models": rows})
         print(f"\n[eval] wrote {args.output}")
     return 0
+
+
+def run_exits(args) -> int:
+    from tqdm.auto import tqdm
+
+    from ..evaluation import exits, harness
+    from ..evaluation.models import export_dir, load, megatron_checkpoint, resolve
+
+    _check_corpus_args(args)
+    if not 0.0 < args.agreement <= 1.0:
+        raise UserError(f"--agreement {args.agreement}: a fraction of tokens in (0, 1]")
+    if args.plot:
+        require_matplotlib()
+    args.device = resolve_device(args.device)
+    harness.quiet(args.verbose)
+    texts = _texts(args)
+    with export_dir() as tmp:
+        m = resolve(args.model, Path(tmp), args.tokenizer)
+        if m.kind == "vanilla":
+            raise UserError(f"{args.model}: not a relaxed recursive checkpoint; early exits need one "
+                            "(relaxrec convert, or a training checkpoint)")
+        lm = load(m, args.device, args.dtype)
+        exits.loop_end_indices(lm.config)
+        context, stride, docs, total = _documents(args, lm, m.tokenizer, texts)
+        print(f"[eval] {m.name}: {lm.config.num_loops} loops, {len(docs)} documents, {total} tokens, context "
+              f"{context}, stride {stride}", flush=True)
+        bar = tqdm(total=total, unit="tok", unit_scale=True, desc="exits", dynamic_ncols=True)
+        stats = exits.loop_stats(lm, docs, context, stride, args.batch_size, progress=bar.update)
+        bar.close()
+    report = {"model": args.model, "data": args.data, "tokens": stats.tokens, "context": context, "stride": stride,
+              "agreement_target": args.agreement, "per_loop_perplexity": exits.per_loop_perplexity(stats),
+              "rows": [r for c in exits.CRITERIA for r in exits.sweep(stats, c, exits.TABLE_THRESHOLDS[c])]}
+    for c in exits.CRITERIA:
+        report[c] = exits.calibrate(stats, c, args.agreement)
+    print()
+    print(format_exits(report))
+    if args.output:
+        _write_json(args.output, report)
+        print(f"\n[eval] wrote {args.output}")
+    if args.plot:
+        from ..evaluation.plots import exit_tradeoff
+
+        exit_tradeoff(report, args.plot)
+        print(f"[eval] drew {args.plot}")
+    if not args.no_store:
+        _store_calibration(args.model, report, megatron_checkpoint)
+    return 0
+
+
+def format_exits(report: dict) -> str:
+    ppl = report["per_loop_perplexity"]
+    lines = [f"perplexity by loop: " + "  ".join(f"loop {b + 1} {v:.3f}" for b, v in enumerate(ppl)),
+             f"{report['tokens']} tokens; a token leaves at the first loop whose confidence reaches the threshold", "",
+             f"{'criterion':<10}{'threshold':>10}{'exits by loop':>24}{'loops/token':>13}{'agreement':>11}"
+             f"{'perplexity':>14}"]
+    for r in report["rows"] + [dict(r, criterion=f"{c}*") for c in ("maxprob", "margin") if (r := report.get(c))]:
+        fractions = " ".join(f"{100 * f:.1f}%" for f in r["exit_fractions"])
+        lines.append(f"{r['criterion']:<10}{r['threshold']:>10.3f}{fractions:>24}{r['mean_loops']:>13.3f}"
+                     f"{100 * r['agreement']:>10.2f}%{r['perplexity']:>14.6g}")
+    target = f"{100 * report['agreement_target']:g}%"
+    for c in ("maxprob", "margin"):
+        r = report.get(c)
+        lines.append(f"* {c}: the lowest threshold with agreement >= {target}: " +
+                     (f"{r['threshold']:.3f} ({r['mean_loops']:.3f} loops/token)" if r else "none below 1.0"))
+    return "\n".join(lines)
+
+
+def _store_calibration(name: str, report: dict, megatron_checkpoint) -> None:
+    """The calibrated thresholds, beside the checkpoint's config (a Megatron checkpoint's export carries
+    them to HF); `generate` and `bench serve` read them with --threshold auto."""
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        print(f"[eval] {name} is not a local folder: thresholds not stored (see --output)")
+        return
+    from ..hf.checkpoint import EXIT_CALIBRATION_FILE
+
+    folder = megatron_checkpoint(path) or path
+    keep = {k: report[k] for k in ("data", "tokens", "context", "stride", "agreement_target", "per_loop_perplexity",
+                                   "maxprob", "margin")}
+    _write_json(str(folder / EXIT_CALIBRATION_FILE), keep)
+    print(f"[eval] stored the calibrated thresholds in {folder / EXIT_CALIBRATION_FILE}")

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from .options import require_served_checkpoint
+from .options import exit_threshold, require_served_checkpoint
 
 
 def add_parser(sub) -> None:
@@ -20,7 +20,8 @@ def add_parser(sub) -> None:
     p.add_argument("--mode", choices=["cdb", "seq", "static"], default="cdb")
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--exit", choices=["none", "maxprob", "margin"], default="none", help="early-exit rule")
-    p.add_argument("--threshold", type=float, default=0.9, help="confidence needed to exit early")
+    p.add_argument("--threshold", default="0.9", help="confidence needed to exit early, or auto: the one "
+                                                      "`relaxrec eval exits` calibrated and stored in the checkpoint")
     p.add_argument("--schedule", choices=["bytes", "all"], default="bytes",
                    help="cdb: which loops a step runs (bytes: the most rows per weight byte read; all: every row)")
     p.set_defaults(run=run)
@@ -44,16 +45,15 @@ def run(args) -> int:
         raise UserError("no prompts: pass them as arguments or with --file")
     if args.max_new_tokens < 1 or args.max_batch < 1:
         raise UserError("--max-new-tokens and --max-batch must be >= 1")
-    if not 0.0 <= args.threshold <= 1.0:
-        raise UserError(f"--threshold {args.threshold}: a confidence (max-prob or top-2 margin) lies in [0, 1]")
     require_served_checkpoint(args.model)
+    threshold = exit_threshold(args.threshold, args.model, args.exit)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     reqs = [Request(tokenizer(p).input_ids, args.max_new_tokens, eos_token_id=tokenizer.eos_token_id, id=i)
             for i, p in enumerate(prompts)]
     max_len = max(len(r.prompt) for r in reqs) + args.max_new_tokens
     engine = Engine(engine_weights(model), mode=args.mode, max_batch=args.max_batch, max_len=max_len,
-                    exit_policy=ExitPolicy(args.exit, args.threshold), schedule=args.schedule)
+                    exit_policy=ExitPolicy(args.exit, threshold), schedule=args.schedule)
     stream = len(reqs) == 1
 
     def on_token(req, tok):

@@ -101,3 +101,29 @@ def resolve_device(device: str | None) -> str:
         except (RuntimeError, AssertionError) as e:
             raise UserError(f"--device {device}: {str(e).splitlines()[0]}{fix}") from None
     return device
+
+
+def exit_threshold(text: str, model: str | None, criterion: str) -> float:
+    """A confidence threshold in [0, 1], or `auto`: the one `relaxrec eval exits` stored in the model."""
+    if text == "auto":
+        if criterion not in ("maxprob", "margin"):
+            raise UserError("--threshold auto needs an exit rule: pass --exit maxprob or --exit margin")
+        if model is None:
+            raise UserError("--threshold auto reads the calibration stored in --model; pass --model")
+        from ..evaluation.exits import stored_threshold
+
+        return stored_threshold(model, criterion)
+    try:
+        value = float(text)
+    except ValueError:
+        raise UserError(f"--threshold {text!r}: a number in [0, 1] or auto") from None
+    if not 0.0 <= value <= 1.0:
+        raise UserError(f"--threshold {value:g}: a confidence (max-prob or top-2 margin) lies in [0, 1]")
+    return value
+
+
+def require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UserError("--plot needs matplotlib: pip install 'relaxrec-megatron[plot]' (or matplotlib)") from None

@@ -61,6 +61,9 @@ def run(args) -> int:
           f"{', recompute' if p.recompute else ''}{', teacher forward' if cfg.kd.enabled else ''}); "
           f"{tokens(got['tokens'])} tokens at {args.mfu:.0%} MFU ({g.peak_bf16 / 1e12:.0f} TFLOP/s bf16 peak): "
           f"{duration(got['seconds'])} on {args.gpus} GPU{'s' if args.gpus > 1 else ''} ({args.gpus * got['seconds'] / 3600:,.0f} GPU-hours)")
+    if cfg.model.relaxed:
+        print("[plan] model.relaxed: sized as model.recursion applied to model.source (the settings that "
+              "checkpoint must have been made with)")
     if cfg.model.fp8:
         print("[plan] model.fp8: planned as bf16 (Transformer Engine's FP8 weight copies are not counted, and the "
               "time is at the bf16 peak; FP8 GEMMs run up to 2x faster)")

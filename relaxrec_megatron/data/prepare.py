@@ -29,8 +29,10 @@ _TOKENIZER = None
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
+    from ..hf.smollm import resolve_builtin
+
     try:
-        return AutoTokenizer.from_pretrained(name)
+        return AutoTokenizer.from_pretrained(resolve_builtin(name))
     except Exception as e:
         raise UserError(f"cannot load tokenizer {name} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
                         ) from None

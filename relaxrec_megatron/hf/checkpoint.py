@@ -22,9 +22,11 @@ _ST_DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
+EXIT_CALIBRATION_FILE = "exit_calibration.json"  # relaxrec eval exits: the calibrated early-exit thresholds
 HF_SIDE_FILES = (
     "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
     "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja",
+    EXIT_CALIBRATION_FILE,
 )
 
 
@@ -33,7 +35,12 @@ class CheckpointError(UserError):
 
 
 def resolve_model_dir(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
-    """A local checkpoint folder, or a hub repo id downloaded (weights, config, tokenizer only)."""
+    """A local checkpoint folder, a built-in model (`builtin:smollm2-135m`, materialised offline), or a
+    hub repo id downloaded (weights, config, tokenizer only)."""
+    from .smollm import BUILTIN, smollm_checkpoint
+
+    if str(name_or_path) == BUILTIN:
+        return smollm_checkpoint()
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
@@ -204,8 +211,11 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Itera
     os.replace(tmp, final)
 
 
-def copy_side_files(src: Path, dst: Path) -> None:
-    """Tokenizer and generation files travel with every converted checkpoint."""
+def copy_side_files(src: Path, dst: Path, same_weights: bool = True) -> None:
+    """Tokenizer and generation files travel with every converted checkpoint; the exit calibration only
+    where the weights are the same (not into a checkpoint trained from src)."""
     for name in HF_SIDE_FILES:
+        if name == EXIT_CALIBRATION_FILE and not same_weights:
+            continue
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)

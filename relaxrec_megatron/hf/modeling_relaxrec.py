@@ -221,7 +221,9 @@ class RelaxedRecursiveModel(RelaxedRecursivePreTrainedModel):
         self.embed_tokens = value
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
-                use_cache=None, past_key_values=None, **kwargs) -> BaseModelOutputWithPast:
+                use_cache=None, past_key_values=None, output_hidden_states=None, **kwargs) -> BaseModelOutputWithPast:
+        """output_hidden_states: the input of the first layer and the output of every unrolled layer,
+        before the final norm; loop b of a CYCLE model ends at hidden_states[(b + 1) * K]."""
         cache = cache if cache is not None else past_key_values
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
@@ -237,9 +239,13 @@ class RelaxedRecursiveModel(RelaxedRecursivePreTrainedModel):
             position_ids = (torch.arange(s, device=h.device) + past).unsqueeze(0).expand(b, -1)
         mask = causal_mask(attention_mask, b, s, past, h.dtype, h.device)
         cos, sin = self.rotary(h, position_ids)
+        hidden_states = [h] if output_hidden_states else None
         for idx, (shared, _loop) in enumerate(self.config.layer_plan):
             h = self.layers[shared](h, self.relax[idx], cos, sin, mask, cache if use_cache else None, idx)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(h), **{_CACHE_FIELD: cache if use_cache else None})
+            if hidden_states is not None:
+                hidden_states.append(h)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(h), **{_CACHE_FIELD: cache if use_cache else None},
+                                       hidden_states=tuple(hidden_states) if hidden_states is not None else None)
 
 
 def causal_mask(attention_mask, b, s, past, dtype, device) -> torch.Tensor:
@@ -268,10 +274,11 @@ class RelaxedRecursiveForCausalLM(RelaxedRecursivePreTrainedModel, GenerationMix
         return self.lm_head
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
-                labels=None, use_cache=None, logits_to_keep: int = 0, past_key_values=None, **kwargs):
+                labels=None, use_cache=None, logits_to_keep: int = 0, past_key_values=None, output_hidden_states=None,
+                **kwargs):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          cache=cache if cache is not None else past_key_values, inputs_embeds=inputs_embeds,
-                         use_cache=use_cache)
+                         use_cache=use_cache, output_hidden_states=output_hidden_states)
         h = out.last_hidden_state
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
@@ -279,4 +286,5 @@ class RelaxedRecursiveForCausalLM(RelaxedRecursivePreTrainedModel, GenerationMix
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: getattr(out, _CACHE_FIELD)})
+        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states,
+                                      **{_CACHE_FIELD: getattr(out, _CACHE_FIELD)})

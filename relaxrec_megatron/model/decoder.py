@@ -58,7 +58,9 @@ class RecursiveDecoder(MegatronModule):
             return self.layers[self.shared_ids.index(k)](hidden, attention_mask=attention_mask,
                                                          rotary_pos_emb=rotary_pos_emb)[0]
 
-    def forward(self, hidden_states, attention_mask, rotary_pos_emb):
+    def forward(self, hidden_states, attention_mask, rotary_pos_emb, loop_ends: list | None = None):
+        """loop_ends: one slot per earlier loop (all but the last); the slot of each loop that ends on
+        this stage is replaced by the hidden state after it, before the final norm (early exits)."""
         if self.input_tensor is not None:  # non-first pipeline stage
             hidden_states = self.input_tensor
         for l in self.unrolled:
@@ -67,6 +69,9 @@ class RecursiveDecoder(MegatronModule):
                     lambda h, l=l: self._run(l, h, attention_mask, rotary_pos_emb), False, hidden_states)
             else:
                 hidden_states = self._run(l, hidden_states, attention_mask, rotary_pos_emb)
+            loop = self.settings.plan.loop_end(l)
+            if loop_ends is not None and loop is not None and loop < len(loop_ends):
+                loop_ends[loop] = hidden_states
         if self.final_norm is not None:
             hidden_states = self.final_norm(hidden_states)
         return hidden_states

@@ -63,15 +63,24 @@ class RelaxedRecursiveGPTModel(LanguageModule):
         if pre_process or post_process:
             self.setup_embeddings_and_output_layer()
 
+    # Early exits: the hidden states at the ends of the first `loop_exits` loops travel with the
+    # activations, concatenated on the sequence axis, so the last pipeline stage can apply the final
+    # norm and LM head to them: (1 + loop_exits) (s, b, h) tensors between stages instead of one
+    loop_exits: int = 0
+
     def set_input_tensor(self, input_tensor) -> None:
         if isinstance(input_tensor, (list, tuple)):
             input_tensor = input_tensor[0]
+        self._carried = None
+        if input_tensor is not None and self.loop_exits:
+            input_tensor, *self._carried = input_tensor.chunk(1 + self.loop_exits, dim=0)
         self.decoder.set_input_tensor(input_tensor)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 gather_logits: bool = False):
-        """input_ids (b, s) -> per-token loss (b, s) with labels, else logits (b, s, vocab[/TP])."""
+        """input_ids (b, s) -> per-token loss (b, s) with labels, else logits (b, s, vocab[/TP]); with
+        loop_exits on the last stage, a list of every loop's logits (s, b, vocab / TP)."""
         b, s = input_ids.shape
         hidden = None
         if self.pre_process:
@@ -82,13 +91,21 @@ class RelaxedRecursiveGPTModel(LanguageModule):
                 hidden = hidden * torch.tensor(self.embedding_multiplier, dtype=hidden.dtype)
         if attention_mask is None:
             attention_mask = torch.triu(torch.ones(s, s, dtype=torch.bool, device=input_ids.device), 1)[None, None]
-        hidden = self.decoder(hidden, attention_mask, self.rope(s))
+        carried = None
+        if self.loop_exits:
+            carried = list(getattr(self, "_carried", None) or [torch.zeros_like(hidden)] * self.loop_exits)
+        hidden = self.decoder(hidden, attention_mask, self.rope(s), carried)
         if not self.post_process:
-            return hidden
-        weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
-        logits, _ = self.output_layer(hidden, weight=weight)
+            return hidden if carried is None else torch.cat([hidden, *carried])
+        if carried is not None:  # every loop's (s, b, vocab / TP) logits, the last loop's last
+            return [self._output(self.decoder.final_norm(h)) for h in carried] + [self._output(hidden)]
+        logits = self._output(hidden)
         if labels is not None:
             return self.compute_language_model_loss(labels, logits)
         if gather_logits:
             logits = gather_from_tensor_model_parallel_region(logits)
         return logits.transpose(0, 1).contiguous()
+
+    def _output(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+        return self.output_layer(hidden, weight=weight)[0]

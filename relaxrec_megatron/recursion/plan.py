@@ -71,6 +71,15 @@ class SharingPlan:
         per = self.num_layers // pp
         return range(stage * per, (stage + 1) * per)
 
+    def loop_end(self, unrolled: int) -> int | None:
+        """The loop that ends after unrolled layer `unrolled`, where an early exit can read the hidden
+        state; None inside a loop. Only CYCLE has loop ends before the last layer: a SEQUENCE model's
+        hidden state is a full pass of the model only after its last layer."""
+        self._check(unrolled)
+        if self.strategy is Strategy.CYCLE and (unrolled + 1) % self.num_shared == 0:
+            return unrolled // self.num_shared
+        return self.num_loops - 1 if unrolled == self.num_layers - 1 else None
+
     def layout(self) -> list[tuple[int, int]]:
         """(shared, loop) for every unrolled layer, in execution order."""
         return [(self.shared_index(l), self.loop_index(l)) for l in range(self.num_layers)]

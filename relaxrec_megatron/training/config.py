@@ -94,6 +94,33 @@ class KDConfig:
 
 
 @dataclass
+class ExitConfig:
+    """Early-exit training: each loop's exit is the shared final norm and LM head applied to the hidden
+    state at the end of that loop; the loss is the weighted sum of the loops' exit losses."""
+
+    enabled: bool = False
+    # one weight per loop, the first loop first; empty: 0.1 on every earlier loop and 1.0 on the last,
+    # the paper's "aggressive coefficient" as far as it is published (its exact values are not)
+    weights: list = field(default_factory=list)
+    # what an earlier exit also learns, beside the labels: the detached final-loop distribution
+    # ("final"), the KD teacher's ("teacher", needs kd.enabled), or nothing ("none": CE alone)
+    distill: str = "final"
+    alpha: float = 0.5  # weight of the CE term in an earlier exit's loss when it distills; 1 - alpha on KL
+    temperature: float = 1.0
+
+    def loop_weights(self, loops: int) -> list[float]:
+        if not self.weights:
+            return [0.1] * (loops - 1) + [1.0]
+        if len(self.weights) != loops:
+            raise UserError(f"exit.weights has {len(self.weights)} entries for a model with {loops} loops; "
+                            f"give one per loop, e.g. exit.weights=[{', '.join(['0.1'] * (loops - 1) + ['1.0'])}]")
+        return [float(w) for w in self.weights]
+
+
+EXIT_DISTILL = ("final", "teacher", "none")
+
+
+@dataclass
 class CheckpointConfig:
     save_every: int = 1000
     keep_last: int = 3
@@ -129,6 +156,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     kd: KDConfig = field(default_factory=KDConfig)
+    exit: ExitConfig = field(default_factory=ExitConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -150,6 +178,30 @@ class TrainConfig:
         if m.dtype != "bf16":
             raise UserError(f"model.fp8 trains in FP8 around bf16 weights; set model.dtype=bf16 (got {m.dtype})")
 
+    def _validate_exit(self) -> None:
+        e = self.exit
+        if not e.enabled:
+            return
+        if e.distill not in EXIT_DISTILL:
+            raise UserError(f"exit.distill must be one of {', '.join(EXIT_DISTILL)}, got {e.distill!r}")
+        if e.distill == "teacher" and not self.kd.enabled:
+            raise UserError("exit.distill=teacher distills the earlier exits from the KD teacher; set "
+                            "kd.enabled=true, or exit.distill=final")
+        if not 0.0 <= e.alpha <= 1.0 or e.temperature <= 0:
+            raise UserError("exit.alpha must be in [0, 1] and exit.temperature > 0")
+        if not isinstance(e.weights, list) or not all(isinstance(w, (int, float)) and w >= 0 for w in e.weights):
+            raise UserError(f"exit.weights must be a list of non-negative numbers, got {e.weights!r}")
+        if e.weights and e.weights[-1] <= 0:
+            raise UserError("exit.weights: the last loop's weight must be positive (it is the model's output)")
+        if not self.model.relaxed:
+            r = self.model.recursion
+            if r.loops < 2:
+                raise UserError("exit.enabled needs model.recursion.loops >= 2: one loop has no earlier exit")
+            if r.strategy != "cycle":
+                raise UserError("exit.enabled needs model.recursion.strategy=cycle: with sequence, the hidden "
+                                "state is a pass through the whole model only after the last layer")
+            e.loop_weights(r.loops)
+
     def validate(self, world_size: int | None = None) -> None:
         o, p = self.optim, self.parallel
         if not self.model.source and not self.model.relaxed:
@@ -162,6 +214,7 @@ class TrainConfig:
             raise UserError(f"parallel.zero_stage=0 with model.dtype={self.model.dtype} would update "
                             f"{self.model.dtype} weights with no fp32 master copy; use zero_stage 1 or 2")
         self._validate_fp8()
+        self._validate_exit()
         if p.pp > 1 and p.zero_stage > 1:
             raise UserError("DeepSpeed ZeRO-2 cannot be combined with pipeline parallelism; use zero_stage=1")
         if p.tp > 1 and p.zero_stage > 1:
@@ -201,7 +254,8 @@ def _build(cls, data: dict, where: str):
 
 def _dataclass_type(annotation) -> type | None:
     candidates = {c.__name__: c for c in (RunConfig, RecursionConfig, ModelConfig, ParallelConfig, DataConfig,
-                                          OptimConfig, KDConfig, CheckpointConfig, EvalConfig, LoggingConfig)}
+                                          OptimConfig, KDConfig, ExitConfig, CheckpointConfig, EvalConfig,
+                                          LoggingConfig)}
     return candidates.get(annotation if isinstance(annotation, str) else getattr(annotation, "__name__", ""))
 
 

@@ -33,6 +33,8 @@ class _Distillation(torch.autograd.Function):
         vocab = student.shape[-1]
         tp_rank = dist.get_rank(group) if group is not None and dist.get_world_size(group) > 1 else 0
         first = tp_rank * vocab  # this shard's vocabulary range: [first, first + vocab)
+        if teacher is None:  # cross entropy alone
+            return _Distillation._cross_entropy(ctx, student, labels, first, group, chunk_bytes)
         z_all, t_all, y_all = student.reshape(-1, vocab), teacher.reshape(-1, vocab), labels.reshape(-1)
         n = z_all.shape[0]
         stats = torch.empty(3, n, dtype=torch.float32, device=student.device)  # loss, ce, kl
@@ -76,16 +78,46 @@ class _Distillation(torch.autograd.Function):
         return stats[0].view(labels.shape), ce_out, kl_out
 
     @staticmethod
+    def _cross_entropy(ctx, student, labels, first: int, group, chunk_bytes: int):
+        vocab = student.shape[-1]
+        z_all, y_all = student.reshape(-1, vocab), labels.reshape(-1)
+        n = z_all.shape[0]
+        ce = torch.empty(n, dtype=torch.float32, device=student.device)
+        grad = torch.empty_like(z_all) if ctx.needs_input_grad[0] else None
+        step = max(1, chunk_bytes // (4 * vocab))
+        for a in range(0, n, step):
+            b = min(n, a + step)
+            zc = z_all[a:b].to(torch.float32, copy=True)
+            y = y_all[a:b]
+            zc.sub_(_all_reduce(zc.max(-1).values, group, dist.ReduceOp.MAX)[:, None])
+            ez = zc.exp()
+            local = (y >= first) & (y < first + vocab)
+            rows = torch.arange(b - a, device=zc.device)
+            label_logit = torch.where(local, zc[rows, (y - first).clamp(0, vocab - 1)], 0.0)
+            sums = _all_reduce(torch.stack([ez.sum(-1), label_logit]), group)
+            ce[a:b] = sums[0].log() - sums[1]
+            if grad is not None:
+                g = ez.div_(sums[0][:, None])
+                g[rows[local], (y - first)[local]] -= 1.0
+                grad[a:b] = g
+        ctx.save_for_backward(grad)
+        ce_out = ce.view(labels.shape)
+        reported, kl = ce_out.clone(), torch.zeros_like(ce_out)
+        ctx.mark_non_differentiable(reported, kl)
+        return ce_out, reported, kl
+
+    @staticmethod
     def backward(ctx, grad_loss, _grad_ce, _grad_kl):
         (grad,) = ctx.saved_tensors
         scaled = grad * grad_loss.reshape(-1, 1).to(grad.dtype)
         return scaled.view(*grad_loss.shape, -1), None, None, None, None, None, None
 
 
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor,
                       alpha: float, temperature: float, group=None, chunk_bytes: int = 128 << 20
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(combined loss, CE, KL) per token from (..., vocab / TP) logit shards and (...) labels. Only the
-    combined loss carries a gradient (to the student's logits); CE and KL are for reporting."""
+    combined loss carries a gradient (to the student's logits); CE and KL are for reporting. Without
+    teacher logits the loss is the cross entropy alone (alpha and temperature unused, KL 0)."""
     return _Distillation.apply(student_logits, teacher_logits, labels, float(alpha), float(temperature), group,
                                int(chunk_bytes))

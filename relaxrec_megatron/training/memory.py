@@ -138,13 +138,15 @@ def activation_bytes(m: Model, lay: Layout, stage: int, micro_batch: int, seq: i
 
 
 def logits_bytes(s: LayerShapes, micro_batch: int, seq: int, dtype: str, tp: int, kd: bool,
-                 chunk_bytes: int = 128 << 20) -> int:
+                 chunk_bytes: int = 128 << 20, earlier_exits: int = 0, exit_from_teacher: bool = False) -> int:
     """Last stage, vocab-parallel logits of one micro-batch. KD (training.kd): the student's and the
     teacher's logits and the gradient buffer in the model dtype, plus about four fp32 chunks of the
     fused loss. Without KD, megatron's cross entropy keeps an fp32 softmax beside the logits and makes
-    an fp32 gradient of the same size."""
+    an fp32 gradient of the same size. Each earlier loop's exit (training.objective) adds its logits
+    and gradient buffer, and a sequence-first copy of the teacher's logits when it distills from them."""
     elements = micro_batch * seq * (s.vocab // tp)
     one = elements * DTYPE_BYTES[dtype]
+    exits = earlier_exits * (2 + exit_from_teacher) * one
     if kd:
-        return 3 * one + 4 * min(chunk_bytes, 4 * elements)
-    return one + 2 * 4 * elements
+        return 3 * one + 4 * min(chunk_bytes, 4 * elements) + exits
+    return one + 2 * 4 * elements + exits

@@ -14,10 +14,11 @@ from .flops import matmul_flops_per_token, train_flops_per_token
 
 
 def models(cfg: TrainConfig) -> tuple[memory.Model, memory.Model | None, dict, dict | None]:
-    """(student, teacher or None) sizes and their relaxed HF configs, from the source's config.json."""
+    """(student, teacher or None) sizes and their relaxed HF configs, from the source's config.json and
+    model.recursion (for a run from model.relaxed: the recursion that checkpoint was made with)."""
     from ..shipped import hf_config
 
-    if cfg.model.relaxed:
+    if not cfg.model.source:
         raise UserError("relaxrec plan sizes a run from model.source; for a run that starts from model.relaxed, "
                         "pass its source as model.source=... too")
     src = hf_config(cfg.model.source)
@@ -52,8 +53,10 @@ def stage_memory(cfg: TrainConfig, student: memory.Model, teacher: memory.Model 
     out["activations"] = memory.activation_bytes(student, lay, stage, o.micro_batch_size, cfg.data.seq_length, dtype,
                                                  p.recompute, micro_batches)
     last = stage == lay.pp - 1
+    exits = student.plan.num_loops - 1 if cfg.exit.enabled else 0
     out["logits"] = memory.logits_bytes(student.shapes, o.micro_batch_size, cfg.data.seq_length, dtype, lay.tp,
-                                        teacher is not None) if last else 0
+                                        teacher is not None, earlier_exits=exits,
+                                        exit_from_teacher=cfg.exit.distill == "teacher") if last else 0
     return out
 
 

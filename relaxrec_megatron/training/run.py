@@ -29,7 +29,6 @@ class Preempted(Exception):
 def prepare_checkpoints(cfg: TrainConfig, run_dir: Path) -> tuple[Path, Path | None]:
     """Relaxed student init and (for KD) the teacher as a 1-loop model: the source itself, exactly."""
     from ..hf.convert import RecursionSpec, convert_to_relaxed
-    from ..hf.smollm import resolve_builtin
 
     r = cfg.model.recursion
     student = Path(cfg.model.relaxed) if cfg.model.relaxed else run_dir / "init" / "student"
@@ -37,7 +36,7 @@ def prepare_checkpoints(cfg: TrainConfig, run_dir: Path) -> tuple[Path, Path | N
     dtype = cfg.model.dtype
 
     def convert() -> None:
-        source = resolve_builtin(cfg.model.source) if cfg.model.source else None
+        source = cfg.model.source or None  # a folder, a hub id or builtin:smollm2-135m (hf.checkpoint)
         if not cfg.model.relaxed and not (student / "config.json").is_file():
             spec = RecursionSpec(loops=r.loops, strategy=r.strategy, init=r.init, rank=r.rank, lora_init=r.lora_init,
                                  share_norms=r.share_norms, share_biases=r.share_biases)
@@ -134,8 +133,11 @@ class Logger:
             return
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in rec.items() if isinstance(v, (int, float))}, step=rec["step"])
-        line = (f"step {rec['step']:>6} loss {rec['loss']:.4f} lm {rec['lm_loss']:.4f} kd {rec['kd_loss']:.4f} "
-                f"lr {rec['lr']:.2e} gnorm {rec['grad_norm']:.3f} {rec['tokens_per_s']:.0f} tok/s")
+        loops = [rec[k] for k in sorted(rec) if k.startswith("loop") and k.endswith("_loss")]
+        by_loop = f"loops {'/'.join(f'{v:.4f}' for v in loops)} " if loops else ""
+        kd = f"kd {rec['kd_loss']:.4f} " if self.cfg.kd.enabled else ""
+        line = (f"step {rec['step']:>6} loss {rec['loss']:.4f} lm {rec['lm_loss']:.4f} {kd}"
+                f"{by_loop}lr {rec['lr']:.2e} gnorm {rec['grad_norm']:.3f} {rec['tokens_per_s']:.0f} tok/s")
         if bar is not None:
             bar.set_postfix_str(line)
         else:
@@ -189,7 +191,10 @@ def train(cfg: TrainConfig) -> list[dict]:
             if logger.wandb is not None:
                 logger.wandb.log(val, step=rec["step"])
             if dist.get_rank() == 0:
-                print(f"[eval] step {rec['step']} valid loss {val['valid_loss']:.4f} ppl {val['valid_ppl']:.2f}", flush=True)
+                loops = [v for k, v in val.items() if k.startswith("valid_loop") and k.endswith("_ppl")]
+                by_loop = f" (by loop {' / '.join(f'{v:.2f}' for v in loops)})" if loops else ""
+                print(f"[eval] step {rec['step']} valid loss {val['valid_loss']:.4f} ppl {val['valid_ppl']:.2f}"
+                      f"{by_loop}", flush=True)
         done = trainer.step >= cfg.optim.train_steps
         if done or trainer.stop_requested or rec["step"] % cfg.checkpoint.save_every == 0:
             trainer.save(ckpt_root)
@@ -266,9 +271,14 @@ def evaluate(trainer, dataset) -> dict:
         for b in range(cfg.eval.batches):
             batches = micro_batches(dataset, b * cfg.optim.global_batch_size, cfg.optim.global_batch_size,
                                     cfg.optim.micro_batch_size, trainer.dp_rank, trainer.dp, trainer.device)
-            losses.append(trainer.eval_loss(batches))
-    mean = sum(losses) / len(losses)
-    return {"valid_loss": mean, "valid_ppl": float(torch.tensor(mean).exp())}
+            losses.append(trainer.eval_losses(batches))
+    mean = {k: sum(d[k] for d in losses) / len(losses) for k in losses[0]}
+    out = {"valid_loss": mean.pop("lm_loss")}
+    ppl = lambda loss: float(torch.tensor(loss).exp())  # inf, not an OverflowError, for a diverged run
+    out["valid_ppl"] = ppl(out["valid_loss"])
+    for key, v in mean.items():  # loop{b}_loss: each exit's CE
+        out[f"valid_{key}"], out[f"valid_{key[:-5]}_ppl"] = v, ppl(v)
+    return out
 
 
 def tell_launcher(stopped: Preempted) -> None:

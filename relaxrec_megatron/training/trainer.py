@@ -122,7 +122,7 @@ class Trainer:
         from ..parallel.distributed import build_model
         from ..parallel.grads import mark_unique_for_norms, shared_layer_groups
         from ..parallel.distributed import local_device
-        from .distill import DistillationModel
+        from .objective import Objective
 
         cfg, p = self.cfg, self.cfg.parallel
         self.device = local_device()
@@ -139,14 +139,13 @@ class Trainer:
         self.student = student
         self.groups = shared_layer_groups(self.settings)
         mark_unique_for_norms(student, self.settings)
-        model = student
+        teacher = None
         if cfg.kd.enabled:
             t_reader = CheckpointReader(self.teacher_dir)
             t_settings = RelaxedSettings(t_reader.config, layout)
             teacher = build_model(t_settings, dtype)  # the reference stays in model.dtype, also under FP8
             load_canonical(teacher, t_settings, t_reader.get)
-            model = DistillationModel(student, teacher, cfg.kd.alpha, cfg.kd.temperature)
-        self.model = model
+        self.model = Objective(student, teacher, cfg.kd, cfg.exit)
         self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         self.micro = cfg.optim.global_batch_size // (cfg.optim.micro_batch_size * self.dp)
         o = cfg.optim
@@ -173,51 +172,27 @@ class Trainer:
         self.peak = peak_flops()
 
     # -- one step -------------------------------------------------------------------------------
-    def _loss_step(self, batches: list[dict], forward_only: bool = False) -> torch.Tensor:
-        """Runs the schedule; returns this rank's share of (loss, lm_loss, kd_loss) as a device tensor:
-        the means over its micro-batches on the last stage's TP rank 0, zeros on every other rank, so
-        their sum over the world divided by DP is the step's mean."""
+    def loss_step(self, batches: list[dict], forward_only: bool = False) -> torch.Tensor:
+        """Runs the schedule; returns this rank's share of (loss, lm_loss, kd_loss[, each loop's exit
+        loss]) as a device tensor: the means over its micro-batches on the last stage's TP rank 0,
+        zeros on every other rank, so their sum over the world divided by DP is the step's mean."""
         from megatron.core import parallel_state as ps
-        from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        kd = self.cfg.kd.enabled
-        model = self.model
-
-        def loss_func(batch, output):
-            mask = batch["loss_mask"].float()
-            n = mask.sum().clamp_min(1)
-            loss = (output.float() * mask).sum() / n
-            reported = {"loss": loss.detach().clone()}  # megatron scales the returned loss in place
-            if kd and model.last_parts is not None:
-                ce, kl = model.last_parts
-                reported.update(lm_loss=(ce * mask).sum() / n, kd_loss=(kl * mask).sum() / n)
-            return loss, reported
+        from .step import forward_backward
 
         if self.cfg.model.fp8:
             self.student.set_is_first_microbatch()  # TE recasts the updated weights to FP8 once per step
-        if self.cfg.parallel.pp == 1:
-            stored = []  # no pipeline: DeepSpeed drives each backward (ZeRO-2 reduces gradients per backward)
-            for batch in batches:
-                with torch.set_grad_enabled(not forward_only):
-                    loss, reported = loss_func(batch, model(batch["tokens"], labels=batch["labels"]))
-                if not forward_only:
-                    self.engine.backward(loss)  # scales by 1 / micro-batches, like the schedule
-                stored.append(reported)
-        else:
-            def step(data_iterator, _model):
-                batch = next(data_iterator)
-                return model(batch["tokens"], labels=batch["labels"]), lambda out, b=batch: loss_func(b, out)
-
-            seq, mbs = batches[0]["tokens"].shape[1], batches[0]["tokens"].shape[0]
-            stored = get_forward_backward_func()(
-                forward_step_func=step, data_iterator=iter(batches), model=[model], num_microbatches=len(batches),
-                seq_length=seq * (2 if kd else 1), micro_batch_size=mbs, forward_only=forward_only)
-        share = torch.zeros(3, dtype=torch.float64, device=self.device)
+        stored = forward_backward(self.model, batches, self.cfg.parallel.pp, forward_only,
+                                  backward=self.engine.backward)  # it scales by 1 / micro-batches, like the schedule
+        loops = self.settings.plan.num_loops if self.cfg.exit.enabled else 0
+        share = torch.zeros(3 + loops, dtype=torch.float64, device=self.device)
         if stored and ps.get_tensor_model_parallel_rank() == 0:
-            share[0] = torch.stack([r["loss"] for r in stored]).double().mean()
-            share[1] = torch.stack([r.get("lm_loss", r["loss"]) for r in stored]).double().mean()
-            if kd:
-                share[2] = torch.stack([r["kd_loss"] for r in stored]).double().mean()
+            mean = lambda key: torch.stack([r.get(key, r["loss"]) for r in stored]).double().mean(0)
+            share[0], share[1] = mean("loss"), mean("lm_loss")
+            if self.cfg.kd.enabled:
+                share[2] = mean("kd_loss")
+            if loops:
+                share[3:] = mean("loops")
         return share
 
     def _nonfinite(self) -> torch.Tensor:
@@ -244,13 +219,15 @@ class Trainer:
                                           device=self.device)])
         values = torch.cat([share, flags])
         dist.all_reduce(values)
-        loss, lm, kd, bad, stop = values.tolist()
+        (loss, lm, kd, *loops), (bad, stop) = values[:-2].tolist(), values[-2:].tolist()
         return {"loss": loss / self.dp, "lm_loss": lm / self.dp, "kd_loss": kd / self.dp,
+                **{f"loop{b + 1}_loss": v / self.dp for b, v in enumerate(loops)},
                 "finite": bad == 0 and math.isfinite(loss), "stop": stop > 0}
 
-    def eval_loss(self, batches: list[dict]) -> float:
-        """Mean LM loss of one global batch, no gradients."""
-        return self._agree(self._loss_step(batches, forward_only=True))["lm_loss"]
+    def eval_losses(self, batches: list[dict]) -> dict:
+        """Mean LM loss of one global batch (and with exits, each loop's), no gradients."""
+        agreed = self._agree(self.loss_step(batches, forward_only=True))
+        return {k: v for k, v in agreed.items() if k == "lm_loss" or k.startswith("loop")}
 
     def train_step(self) -> dict:
         from ..parallel.grads import finalize_grads
@@ -264,11 +241,11 @@ class Trainer:
         batches = micro_batches(self.train_dataset, self.consumed, cfg.optim.global_batch_size,
                                 cfg.optim.micro_batch_size, self.dp_rank, self.dp, self.device)
         t0 = time.perf_counter()
-        share = self._loss_step(batches)
+        share = self.loss_step(batches)
         finalize_grads(self.student, self.settings, self.groups)
         agreed = self._agree(share, self._nonfinite())
         finite, loss = agreed["finite"], agreed["loss"]
-        parts = {"lm_loss": agreed["lm_loss"], "kd_loss": agreed["kd_loss"]}
+        parts = {k: v for k, v in agreed.items() if k.endswith("_loss") and k != "loss"}
         if agreed["stop"]:
             self.stop_requested = True
         grad_norm = float("nan")
@@ -311,6 +288,7 @@ class Trainer:
     def save(self, root: str | Path) -> Path:
         """step_{N}/ (model dist checkpoint, DeepSpeed optimizer shards, trainer state); `latest` is written
         after every rank finished, so a crash mid-save leaves the previous checkpoint the latest."""
+        from ..hf.checkpoint import copy_side_files
         from ..model import checkpoint as mckpt
 
         root = Path(root)
@@ -319,6 +297,8 @@ class Trainer:
             shutil.rmtree(folder, ignore_errors=True)
         dist.barrier()
         mckpt.save(self.student, self.settings, folder / "model")
+        if dist.get_rank() == 0:  # the tokenizer travels with the checkpoint into its HF exports
+            copy_side_files(self.student_dir, folder / "model", same_weights=False)
         self.engine.save_checkpoint(str(folder / "optimizer"), tag="state", save_latest=False,
                                     exclude_frozen_parameters=True)
         state = {"step": self.step, "consumed": self.consumed, "skipped": self.skipped,
