@@ -92,7 +92,7 @@ def test_untrained_rank0_scores_below_the_source(tmp_path):
     """The real SmolLM2-135M against its pure recursive (rank 0) conversion before any uptraining."""
     source = str(smollm_checkpoint())
     convert_to_relaxed(source, tmp_path / "r0", RecursionSpec(loops=2, rank=0), progress=False)
-    report = eval_json(["eval", "tasks", source, str(tmp_path / "r0"), "--tasks", LASTWORD, "--limit", "24"],
+    report = eval_json(["eval", "tasks", source, str(tmp_path / "r0"), "--tasks", LASTWORD, "--limit", "12"],
                        tmp_path / "r.json")
     src, r0 = (report["models"][k]["results"] for k in (source, str(tmp_path / "r0")))
     assert src[LASTWORD]["acc"] >= 0.4  # the source model solves these

@@ -2,8 +2,6 @@
 under TP/PP, the tied-gradient contract across pipeline stages, and resharding dist checkpoints."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -100,8 +98,17 @@ def test_dist_checkpoint_reshards(relaxed, parity_runs, tmp_path):
 
 
 def relaxrec(*argv):
-    exe = Path(sys.executable).parent / "relaxrec"
-    return subprocess.run([str(exe), *map(str, argv)], capture_output=True, text=True, timeout=600)
+    """The CLI in this process (its console script is run as a process in test_cli and test_package)."""
+    import contextlib
+    import io
+    from types import SimpleNamespace
+
+    from relaxrec_megatron.cli.main import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        rc = main([str(a) for a in argv])
+    return SimpleNamespace(returncode=rc, stderr=err.getvalue())
 
 
 @pytest.mark.parametrize("name", ["neox-lora", "gemma-lora"])

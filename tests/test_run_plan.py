@@ -13,7 +13,7 @@ from relaxrec_megatron.training import memory
 from relaxrec_megatron.training.config import load_config
 from relaxrec_megatron.training.planning import plan, suggestions
 
-GPUS = {"tiny-cpu": 2, "pythia-1b-relaxed": 8}  # the rest: 8 data-parallel GPUs
+GPUS = {"tiny-cpu": 2, "smollm2-135m-exits-cpu": 2, "pythia-1b-relaxed": 8}  # the rest: 8 data-parallel GPUs
 
 
 @pytest.mark.parametrize("name", run_config_names())

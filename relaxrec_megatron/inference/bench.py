@@ -124,11 +124,14 @@ def simulate(trace: list[Request], traces: list[list[int]], loops: int, max_batc
 
 def run_benchmark(weights: EngineWeights, trace: list[Request], max_batch: int, max_len: int,
                   confidence: float | None = None, simulate_too: bool = False,
-                  exit_prob: float | None = None, repeats: int = 1, schedule: str = "bytes") -> list[dict]:
+                  exit_prob: float | None = None, repeats: int = 1, schedule: str = "bytes",
+                  replay: dict[str, list[list[int]]] | None = None, keep_traces: bool = False) -> list[dict]:
     """Every mode serves the trace `repeats` times, the modes interleaved so that drift in the
-    machine's speed hits them alike; each row is the run with the median tokens/s."""
+    machine's speed hits them alike; each row is the run with the median tokens/s. replay: more CDB
+    rows, each serving with given exit traces (those another model took, from `bench serve
+    --save-traces`); keep_traces: each row keeps the exits it took (`exit_trace`)."""
     B = weights.num_loops
-    traces = {"CDB + oracle exits": oracle_traces(weights, trace, max_batch, max_len)}
+    traces = {"CDB + oracle exits": oracle_traces(weights, trace, max_batch, max_len), **(replay or {})}
     if exit_prob is not None:
         traces[f"CDB + sampled exits p={exit_prob:g}"] = sampled_exit_traces(trace, B, exit_prob)
     vanilla = unrolled_weights(weights)
@@ -168,9 +171,16 @@ def run_benchmark(weights: EngineWeights, trace: list[Request], max_batch: int, 
                 if r["mode"] in traces:
                     r[column] = simulate(trace, traces[r["mode"]], B, max_batch, True, cost,
                                          schedule)["tokens_per_cost"] / seq
-    for r in rows:
-        del r["exit_trace"]
+    if not keep_traces:
+        for r in rows:
+            del r["exit_trace"]
     return rows
+
+
+def saved_traces(trace: list[Request], rows: list[dict], loops: int) -> dict:
+    """What `bench serve --save-traces` writes: the trace's lengths and the exits each CDB row took."""
+    return {"loops": loops, "requests": [[len(r.prompt), r.max_new_tokens] for r in trace],
+            "traces": {r["mode"]: r["exit_trace"] for r in rows if r["mode"].startswith("CDB") and "exit_trace" in r}}
 
 
 def format_rows(rows: list[dict], title: str) -> str:
