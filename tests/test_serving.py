@@ -317,6 +317,8 @@ def test_benchmark_rows_cover_every_mode(served):
     by_mode = {r["mode"]: r for r in rows}
     assert all(r["tokens"] == 3 * NEW for r in rows)
     assert by_mode["seq-CB"]["speedup"] == 1.0 and by_mode["CDB, no exits"]["mean_loops"] == w.num_loops
+    assert by_mode["CDB, no exits"]["agreement"] == by_mode["static batching"]["agreement"] == 1.0
+    assert by_mode["CDB + maxprob>=0.05"]["agreement"] < 1.0  # a random model's exits change its tokens
     sampled = by_mode["CDB + sampled exits p=0.5"]
     assert sampled["mean_loops"] < w.num_loops and sampled["ideal"] == pytest.approx(w.num_loops / sampled["mean_loops"])
     assert by_mode["CDB, no exits"]["simulated"] == pytest.approx(1.0, abs=0.1) and sampled["simulated"] > 1.2
@@ -359,7 +361,7 @@ def test_gpu_serve_check_runs_on_random_weights(tmp_path, capsys):
                         str(tmp_path / "traces.json"), "--repeat", "1", "--exit-prob", "-1"]) == 0
     rows = capsys.readouterr().out.splitlines()
     replayed = next(r for r in rows if r.startswith("CDB + maxprob>=0.8 (replayed)"))
-    assert replayed.split()[-6] == "1.00" and not any("sampled" in r for r in rows)  # every decoded token exits
+    assert replayed.split()[-7] == "1.00" and not any("sampled" in r for r in rows)  # every decoded token exits
 
 
 def test_sequence_order_is_served_unrolled(tiny_dirs, tmp_path):

@@ -1,7 +1,8 @@
 """Serving benchmark: one request trace served by every mode, measured, plus the paper's simulation.
 
 Measured: tokens/s, latency p50/p99 (from the trace's start: all requests are queued at t=0, a FIFO
-like the paper's successor's setup) and mean loops per token, per mode, in one run.
+like the paper's successor's setup), mean loops per token and agreement (the share of generated
+tokens equal to the full-depth model's, seq-CB's, at the same position), per mode, in one run.
 Simulated (--simulate), two cost models over the same replay of the scheduler with each CDB row's exit
 trace (oracle, sampled, or the exits a confidence run took): the paper's, where a step costs the
 layers it runs (a batch runs in parallel: sequence-wise CB pays B*K per step, depth-wise K per step;
@@ -63,7 +64,14 @@ def serve(weights: EngineWeights, trace: list[Request], mode: str, max_batch: in
     p50, p99 = latency_percentiles(reqs)
     return {"tokens_per_s": stats.tokens_per_s, "p50": p50, "p99": p99, "mean_loops": mean_loops_per_token(reqs),
             "seconds": stats.seconds, "tokens": stats.tokens, "exits_per_loop": stats.exits_per_loop,
-            "exit_trace": [[n - 1 for n in r.loops_used] for r in reqs]}  # the exits taken, as an oracle trace
+            "exit_trace": [[n - 1 for n in r.loops_used] for r in reqs],  # the exits taken, as an oracle trace
+            "outputs": [list(r.output) for r in reqs]}
+
+
+def agreement(outputs: list[list[int]], reference: list[list[int]]) -> float:
+    """Share of generated tokens equal to the reference's at the same position of the same request."""
+    same = sum(a == b for out, ref in zip(outputs, reference) for a, b in zip(out, ref))
+    return same / max(1, sum(len(ref) for ref in reference))
 
 
 def oracle_traces(weights: EngineWeights, trace: list[Request], max_batch: int, max_len: int) -> list[list[int]]:
@@ -154,9 +162,10 @@ def run_benchmark(weights: EngineWeights, trace: list[Request], max_batch: int, 
     for mode, rs in results.items():
         rs = sorted(rs, key=lambda r: r["tokens_per_s"])
         rows.append({"mode": mode, **rs[len(rs) // 2]})
-    base = rows[2]["tokens_per_s"]
+    base, full_depth = rows[2]["tokens_per_s"], rows[2]["outputs"]  # seq-CB
     for r in rows:
         r["speedup"] = r["tokens_per_s"] / base
+        r["agreement"] = agreement(r.pop("outputs"), full_depth)  # greedy tokens of the full-depth model
         decoded = r["mean_loops"] > 0  # not when every request stops at the prefill's token
         r["ideal"] = B / r["mean_loops"] if r["mode"].startswith("CDB") and decoded else None
     if simulate_too:
@@ -185,11 +194,12 @@ def saved_traces(trace: list[Request], rows: list[dict], loops: int) -> dict:
 
 def format_rows(rows: list[dict], title: str) -> str:
     lines = [title, f"{'mode':<31}{'tok/s':>8}{'p50 s':>8}{'p99 s':>8}{'loops/tok':>10}{'speedup':>9}"
-             f"{'ideal':>7}{'of ideal':>9}{'simulated':>10}{'bytes sim':>10}"]
+             f"{'ideal':>7}{'of ideal':>9}{'simulated':>10}{'bytes sim':>10}{'agree':>8}"]
     for r in rows:
         ideal = f"{r['ideal']:.2f}" if r.get("ideal") else "-"
         frac = f"{r['speedup'] / r['ideal']:.0%}" if r.get("ideal") else "-"
         sim, mem = (f"{r[c]:.2f}" if r.get(c) else "-" for c in ("simulated", "bytes sim"))
         lines.append(f"{r['mode']:<31}{r['tokens_per_s']:>8.1f}{r['p50']:>8.2f}{r['p99']:>8.2f}"
-                     f"{r['mean_loops']:>10.2f}{r['speedup']:>9.2f}{ideal:>7}{frac:>9}{sim:>10}{mem:>10}")
+                     f"{r['mean_loops']:>10.2f}{r['speedup']:>9.2f}{ideal:>7}{frac:>9}{sim:>10}{mem:>10}"
+                     f"{r['agreement']:>8.1%}")
     return "\n".join(lines)
