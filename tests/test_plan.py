@@ -21,6 +21,14 @@ def test_sequence_order_repeats_each_layer():
         assert plan.unrolled_index(plan.shared_index(l), plan.loop_index(l)) == l
 
 
+def test_early_exits_read_the_ends_of_cycle_loops():
+    plan = SharingPlan(6, 3, "cycle")
+    assert plan.exit_layers() == [1, 3, 5] and [plan.loop_end(l) for l in range(6)] == [None, 0, None, 1, None, 2]
+    for no_exits in (SharingPlan(6, 3, "sequence"), SharingPlan(6, 1, "cycle")):
+        with pytest.raises(PlanError, match="early exits need a CYCLE model with 2 or more loops"):
+            no_exits.exit_layers()
+
+
 @pytest.mark.parametrize(
     "layers, expected",
     [

@@ -22,6 +22,7 @@ import torch
 
 from ..errors import UserError
 from ..hf.checkpoint import EXIT_CALIBRATION_FILE
+from ..recursion.plan import SharingPlan
 from .ppl import windows
 
 CRITERIA = ("maxprob", "margin")
@@ -47,12 +48,9 @@ class LoopStats:
 
 
 def loop_end_indices(config) -> list[int]:
-    """Indices into the HF model's hidden_states where each loop ends (CYCLE: after every K layers)."""
-    if config.recursion_strategy != "cycle" or config.num_loops < 2:
-        raise UserError(f"early exits need a CYCLE model with 2 or more loops; this one has {config.num_loops} "
-                        f"loop(s), {config.recursion_strategy}")
-    K = config.num_shared_layers
-    return [(b + 1) * K for b in range(config.num_loops)]
+    """Indices into the HF model's hidden_states (the embeddings first) where each loop ends."""
+    plan = SharingPlan(config.num_hidden_layers, config.num_loops, config.recursion_strategy)
+    return [l + 1 for l in plan.exit_layers()]
 
 
 def confidences(logits: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -78,11 +76,11 @@ def loop_stats(model, documents: list[torch.Tensor], context: int, stride: int, 
                 batch[row, : e - b] = ids[b:e]
             hidden = model(batch.to(device), use_cache=False, output_hidden_states=True).hidden_states
             rows = [(row, first - 1 - b, e - b, ids[first: e + 1]) for row, (b, e, first) in enumerate(chunk)]
+            targets = torch.cat([t for *_, t in rows]).to(device)
             per_loop = []
             for end in ends:  # one loop's logits at a time: (tokens, vocab) in fp32
                 h = torch.cat([hidden[end][row, lo:hi] for row, lo, hi, _ in rows])
                 logits = model.lm_head(model.model.norm(h)).float()
-                targets = torch.cat([t for *_, t in rows]).to(device)
                 logp = torch.log_softmax(logits, dim=-1)
                 per_loop.append((-logp.gather(-1, targets[:, None])[:, 0].double().cpu(),
                                  logits.argmax(-1).cpu(), {k: v.cpu() for k, v in confidences(logits).items()}))
@@ -91,7 +89,7 @@ def loop_stats(model, documents: list[torch.Tensor], context: int, stride: int, 
             for c in CRITERIA:
                 conf[c].append(torch.stack([p[2][c] for p in per_loop]))
             if progress is not None:
-                progress(sum(len(t) for *_, t in rows))
+                progress(targets.numel())
     if not nll:
         raise UserError("no tokens to score: the documents are shorter than 2 tokens")
     return LoopStats(torch.cat(nll, 1), torch.cat(greedy, 1), {c: torch.cat(v, 1) for c, v in conf.items()})

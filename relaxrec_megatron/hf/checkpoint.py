@@ -37,10 +37,9 @@ class CheckpointError(UserError):
 def resolve_model_dir(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
     """A local checkpoint folder, a built-in model (`builtin:smollm2-135m`, materialised offline), or a
     hub repo id downloaded (weights, config, tokenizer only)."""
-    from .smollm import BUILTIN, smollm_checkpoint
+    from .smollm import resolve_builtin
 
-    if str(name_or_path) == BUILTIN:
-        return smollm_checkpoint()
+    name_or_path = resolve_builtin(str(name_or_path))
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path

@@ -80,6 +80,14 @@ class SharingPlan:
             return unrolled // self.num_shared
         return self.num_loops - 1 if unrolled == self.num_layers - 1 else None
 
+    def exit_layers(self) -> list[int]:
+        """The unrolled layer each loop ends after, first loop first: where its early exit reads the
+        hidden state. Only CYCLE models with 2 or more loops have early exits."""
+        if self.strategy is not Strategy.CYCLE or self.num_loops < 2:
+            raise PlanError(f"early exits need a CYCLE model with 2 or more loops; this one has {self.num_loops} "
+                            f"loop(s), {self.strategy.value}")
+        return [l for l in range(self.num_layers) if self.loop_end(l) is not None]
+
     def layout(self) -> list[tuple[int, int]]:
         """(shared, loop) for every unrolled layer, in execution order."""
         return [(self.shared_index(l), self.loop_index(l)) for l in range(self.num_layers)]

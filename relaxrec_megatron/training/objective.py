@@ -25,7 +25,6 @@ from torch import nn
 
 from megatron.core import parallel_state as ps
 
-from ..errors import UserError
 from .config import ExitConfig, KDConfig
 from .kd import distillation_loss
 
@@ -44,9 +43,7 @@ class Objective(nn.Module):
         self.weights: list[float] | None = None
         if self.exit is not None:
             plan = student.settings.plan
-            if plan.num_loops < 2 or plan.strategy.value != "cycle":
-                raise UserError(f"exit.enabled needs a CYCLE model with 2 or more loops; this one has "
-                                f"{plan.num_loops} loop(s), {plan.strategy.value}")
+            plan.exit_layers()  # a CYCLE model with 2 or more loops (also for a run from model.relaxed)
             self.weights = self.exit.loop_weights(plan.num_loops)
             student.loop_exits = plan.num_loops - 1
         self.tensors_between_stages = 1 + student.loop_exits + len(self.teacher)
