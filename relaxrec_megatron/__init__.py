@@ -1,16 +1,37 @@
 """relaxrec_megatron: pretrained LLM -> Relaxed Recursive Transformer, uptrained with megatron-core.
 
-Importing the package registers the relaxed recursive model with transformers' Auto classes.
+Importing the package registers the relaxed recursive config with transformers' AutoConfig (so that
+configs and tokenizers of relaxed checkpoints load); `relaxrec_megatron.register()` also registers
+the model with AutoModelForCausalLM (reading `relaxrec_megatron.RelaxedRecursiveForCausalLM` does
+too). The model's code is imported only then: the CLI and every training process start without
+transformers' modeling code. Relaxed checkpoints also carry the model as remote code, which
+`trust_remote_code=True` loads without this package.
 """
 
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig
 
 from .hf.configuration_relaxrec import RelaxedRecursiveConfig
-from .hf.modeling_relaxrec import RelaxedRecursiveForCausalLM
 
 __version__ = "0.1.0"
 
 AutoConfig.register(RelaxedRecursiveConfig.model_type, RelaxedRecursiveConfig, exist_ok=True)
-AutoModelForCausalLM.register(RelaxedRecursiveConfig, RelaxedRecursiveForCausalLM, exist_ok=True)
 
-__all__ = ["RelaxedRecursiveConfig", "RelaxedRecursiveForCausalLM", "__version__"]
+__all__ = ["RelaxedRecursiveConfig", "RelaxedRecursiveForCausalLM", "register", "__version__"]
+
+
+def register() -> None:
+    """Registers the relaxed recursive model with AutoModelForCausalLM (idempotent)."""
+    from transformers import AutoModelForCausalLM
+
+    from .hf.modeling_relaxrec import RelaxedRecursiveForCausalLM
+
+    AutoModelForCausalLM.register(RelaxedRecursiveConfig, RelaxedRecursiveForCausalLM, exist_ok=True)
+
+
+def __getattr__(name: str):
+    if name == "RelaxedRecursiveForCausalLM":
+        register()
+        from .hf.modeling_relaxrec import RelaxedRecursiveForCausalLM
+
+        return RelaxedRecursiveForCausalLM
+    raise AttributeError(f"module 'relaxrec_megatron' has no attribute {name!r}")

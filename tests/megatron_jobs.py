@@ -11,7 +11,8 @@ import torch.distributed as dist
 def _setup(relaxed_dir: Path, tp: int, pp: int, sp: bool = False, recompute: bool = False):
     from relaxrec_megatron.hf.checkpoint import CheckpointReader
     from relaxrec_megatron.model.settings import ParallelLayout, RelaxedSettings
-    from relaxrec_megatron.parallel.distributed import build_model, init_distributed
+    from relaxrec_megatron.model.build import build_model
+    from relaxrec_megatron.parallel.distributed import init_distributed
 
     init_distributed(tp, pp)
     reader = CheckpointReader(relaxed_dir)
@@ -20,7 +21,7 @@ def _setup(relaxed_dir: Path, tp: int, pp: int, sp: bool = False, recompute: boo
 
 
 def _logits(model, tokens):
-    from relaxrec_megatron.parallel.schedule import batch_from_tokens, forward_backward
+    from pipeline import batch_from_tokens, forward_backward
 
     model.eval()
     out = forward_backward(model, [batch_from_tokens(tokens)], collect_logits=True)
@@ -55,8 +56,8 @@ def parity_job(cases: list[tuple[str, str]], tokens: torch.Tensor, layout: dict,
     """For each (name, relaxed_dir): logits, and canonical gradients after one backward of the summed CE.
     Then each exit case: the trainer's objective and step on one micro-batch (exit_job)."""
     from relaxrec_megatron.model.state_adapter import load_canonical
-    from relaxrec_megatron.parallel.grads import finalize_grads, shared_layer_groups
-    from relaxrec_megatron.parallel.schedule import batch_from_tokens, forward_backward
+    from relaxrec_megatron.training.grads import finalize_grads, shared_layer_groups
+    from pipeline import batch_from_tokens, forward_backward
 
     out = Path(out_dir)
     for name, relaxed_dir in cases:
@@ -78,8 +79,8 @@ def exit_job(case: dict, tokens: torch.Tensor, layout: dict, out: Path) -> None:
     (training.step) on one micro-batch: its reports on the last stage, and the canonical gradients
     after the gradient contracts. case: name, student, teacher (or None), kd and exit config fields."""
     from relaxrec_megatron.model.state_adapter import load_canonical
-    from relaxrec_megatron.parallel.grads import finalize_grads, shared_layer_groups
-    from relaxrec_megatron.parallel.schedule import batch_from_tokens
+    from relaxrec_megatron.training.grads import finalize_grads, shared_layer_groups
+    from pipeline import batch_from_tokens
     from relaxrec_megatron.training.config import ExitConfig, KDConfig
     from relaxrec_megatron.training.objective import Objective
     from relaxrec_megatron.training.step import forward_backward
@@ -90,7 +91,7 @@ def exit_job(case: dict, tokens: torch.Tensor, layout: dict, out: Path) -> None:
     if case["teacher"]:  # in the same groups as the student
         from relaxrec_megatron.hf.checkpoint import CheckpointReader
         from relaxrec_megatron.model.settings import RelaxedSettings
-        from relaxrec_megatron.parallel.distributed import build_model
+        from relaxrec_megatron.model.build import build_model
 
         t_reader = CheckpointReader(case["teacher"])
         t_settings = RelaxedSettings(t_reader.config, settings.layout)
@@ -122,9 +123,10 @@ def load_job(relaxed_dir: str, tp: int, pp: int, ckpt_dir: str, tokens: torch.Te
     _save_if_writer(_logits(model, tokens), Path(out_path))
 
 
-def kd_job(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, alpha: float, temperature: float,
-           tp: int, out_dir: str, chunk_tokens: int) -> None:
-    """Vocab-parallel KD loss on this rank's vocabulary shard; saves loss and the logits' gradient shard."""
+def kd_job(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, cases: list[tuple],
+           tp: int, out_dir: str) -> None:
+    """Vocab-parallel KD loss on this rank's vocabulary shard, for each case (alpha, temperature, chunk
+    tokens); saves each case's loss and the logits' gradient shard."""
     from megatron.core import parallel_state as ps
 
     from relaxrec_megatron.parallel.distributed import init_distributed
@@ -132,82 +134,62 @@ def kd_job(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, a
 
     init_distributed(tp, 1)
     rank = ps.get_tensor_model_parallel_rank()
-    s = student.chunk(tp, dim=-1)[rank].clone().requires_grad_(True)
-    t = teacher.chunk(tp, dim=-1)[rank]
-    loss, ce, kl = distillation_loss(s, t, labels, alpha, temperature, ps.get_tensor_model_parallel_group(),
-                                     chunk_bytes=chunk_tokens * 4 * s.shape[-1])
-    (loss * torch.linspace(0.5, 1.5, loss.numel()).view_as(loss)).sum().backward()  # per-token upstream grads
-    torch.save({"loss": loss.detach(), "ce": ce, "kl": kl, "grad": s.grad}, Path(out_dir) / f"kd{rank}.pt")
+    for i, (alpha, temperature, chunk_tokens) in enumerate(cases):
+        s = student.chunk(tp, dim=-1)[rank].clone().requires_grad_(True)
+        t = teacher.chunk(tp, dim=-1)[rank]
+        loss, ce, kl = distillation_loss(s, t, labels, alpha, temperature, ps.get_tensor_model_parallel_group(),
+                                         chunk_bytes=chunk_tokens * 4 * s.shape[-1])
+        (loss * torch.linspace(0.5, 1.5, loss.numel()).view_as(loss)).sum().backward()  # per-token upstream grads
+        torch.save({"loss": loss.detach(), "ce": ce, "kl": kl, "grad": s.grad}, Path(out_dir) / f"kd{i}.{rank}.pt")
 
 
 def train_job(config_path: str, overrides: list[str], out_path: str, nan_steps=(),
               crash_in_save_at=None, sigterm_at=None, grad_probe=False) -> None:
-    """Runs `relaxrec train` in this world; saves the per-step records and optimizer-state bytes.
-    nan_steps: poison the gradients at these steps; crash_in_save_at: die half-way through that step's save."""
+    """Runs `relaxrec train` in this world through the trainer's hooks; saves the per-step records and
+    optimizer-state bytes. nan_steps: poison the gradients at these steps (1-based, like the records);
+    crash_in_save_at: die half-way through that step's save; sigterm_at: SIGTERM to the last rank
+    after that step; grad_probe: record where the gradients are when the gradient contracts run."""
     import os
+    import signal
 
-    from relaxrec_megatron.training import trainer as trainer_mod
+    import torch.distributed as dist
+
+    from relaxrec_megatron.training import grads
     from relaxrec_megatron.training.config import load_config
-    from relaxrec_megatron.training.run import train, train_entry
+    from relaxrec_megatron.training.run import Preempted, train, train_entry
+    from relaxrec_megatron.training.trainer import Hooks
 
-    original_loss_step, original_save = trainer_mod.Trainer.loss_step, trainer_mod.Trainer.save
+    seen = []
 
-    def poisoned(self, batches, forward_only=False):
-        out = original_loss_step(self, batches, forward_only)
-        if not forward_only and self.step + 1 in nan_steps:  # 1-based, like the records
-            for p in self.student.parameters():
+    def after_backward(trainer):
+        if trainer.step + 1 in nan_steps:
+            for p in trainer.student.parameters():
                 if p.grad is not None:
                     p.grad.fill_(float("nan"))
-        return out
-
-    def crashing_save(self, root):
-        if self.step == crash_in_save_at:
-            from relaxrec_megatron.model import checkpoint as mckpt
-
-            mckpt.save(self.student, self.settings, Path(root) / f"step_{self.step:08d}" / "model")
-            os._exit(17)  # killed mid-save: model written, optimizer state and `latest` not
-        return original_save(self, root)
-
-    original_step = trainer_mod.Trainer.train_step
-
-    def step_then_signal(self):
-        rec = original_step(self)
-        import torch.distributed as dist
-
-        if self.step == 1:
-            torch.save(allocations(self), f"{out_path}.alloc.rank{dist.get_rank()}.pt")
-
-        if self.step == sigterm_at and dist.get_rank() == dist.get_world_size() - 1:
-            import signal
-
-            os.kill(os.getpid(), signal.SIGTERM)  # to one rank only: every rank must still stop with it
-        return rec
-
-    if grad_probe:  # where each parameter's gradient is when the gradient contracts run
-        from relaxrec_megatron.parallel import grads
-
-        real_finalize, seen = grads.finalize_grads, []
-
-        def probing(model, settings, groups):
-            params = [p for p in model.parameters() if p.requires_grad]
+        if grad_probe:
+            params = [p for p in trainer.student.parameters() if p.requires_grad]
             seen.append({"params": len(params), "in_grad": sum(p.grad is not None for p in params),
                          "in_fp32_buffer": sum(getattr(p, "_hp_grad", None) is not None
                                                and grads.accumulated_grad(p) is p._hp_grad
                                                and p._hp_grad.dtype == torch.float32 for p in params)})
             torch.save(seen, f"{out_path}.grads.rank{dist.get_rank()}.pt")
-            return real_finalize(model, settings, groups)
 
-        grads.finalize_grads = probing
-    trainer_mod.Trainer.loss_step, trainer_mod.Trainer.save = poisoned, crashing_save
-    trainer_mod.Trainer.train_step = step_then_signal
-    import torch.distributed as dist
+    def after_step(trainer, rec):
+        torch.save(trainer.history, f"{out_path}.steps.rank{dist.get_rank()}.pt")  # kept if the run then fails
+        if trainer.step == 1:
+            torch.save(allocations(trainer), f"{out_path}.alloc.rank{dist.get_rank()}.pt")
+        if trainer.step == sigterm_at and dist.get_rank() == dist.get_world_size() - 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # to one rank only: every rank must still stop with it
 
-    from relaxrec_megatron.training.run import Preempted
+    def after_model_saved(trainer, folder):
+        if trainer.step == crash_in_save_at:
+            os._exit(17)  # killed mid-save: model written, optimizer state and `latest` not
 
+    hooks = Hooks(after_backward, after_step, after_model_saved)
     if sigterm_at is None:
-        return train_entry(config_path, overrides, out_path)
+        return train_entry(config_path, overrides, out_path, hooks)
     try:
-        records = train(load_config(config_path, overrides))
+        records = train(load_config(config_path, overrides), hooks)
     except Preempted as stopped:
         records = stopped.records
     torch.save(records, f"{out_path}.rank{dist.get_rank()}.pt")
@@ -234,7 +216,7 @@ def fp8_context_job(relaxed_dir: str, tokens: torch.Tensor, out_path: str) -> No
     """Records the layer numbers the decoder asks megatron's FP8 context for, in a forward and
     backward with recompute (which runs each layer's forward again inside backward)."""
     from relaxrec_megatron.model import decoder
-    from relaxrec_megatron.parallel.schedule import batch_from_tokens, forward_backward
+    from pipeline import batch_from_tokens, forward_backward
 
     asked = []
     real = decoder.get_fp8_context
@@ -254,7 +236,7 @@ def te_row_lora_job(out_path: str) -> None:
     """The TE row-parallel LoRA linear under TP=2 with sequence parallelism, its TE base replaced by
     megatron's local RowParallelLinear (same contract: reduce-scattered output, te_return_bias), next
     to the local LoRA linear with the same weights. Saves both linears' LoRA gradients after the TP
-    sums of parallel.grads, gathered to full tensors."""
+    sums of training.grads, gathered to full tensors."""
     import sys
     import types
 

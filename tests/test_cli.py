@@ -10,7 +10,6 @@ import pytest
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-import relaxrec_megatron  # noqa: F401
 from relaxrec_megatron.cli.main import main
 
 
@@ -123,6 +122,7 @@ def test_export_rejects_a_vanilla_checkpoint(tiny_dirs, tmp_path, capsys):
     assert "not a relaxed recursive checkpoint" in msg
 
 
+@pytest.mark.slow
 def test_console_script_error_is_one_line(tiny_dirs, tmp_path):
     exe = Path(sys.executable).parent / "relaxrec"
     out = subprocess.run([str(exe), "convert", str(tiny_dirs["llama"]), str(tmp_path / "o"), "--loops", "3"],

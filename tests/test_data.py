@@ -80,6 +80,7 @@ def _bytes(prefix):
     return open(f"{prefix}.bin", "rb").read(), open(f"{prefix}.idx", "rb").read()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("files", [1, 4], ids=["by-documents", "by-files"])
 def test_three_shards_merge_to_the_one_shot_dataset_byte_for_byte(tokenizer_dir, tmp_path, capsys, files):
     corpus = _corpus_files(tmp_path / "in", pydoc_topics("heldout")[:10], files)
@@ -164,6 +165,7 @@ def test_stats_and_the_epochs_a_run_reads(tokenizer_dir, tmp_path, capsys):
     assert f"{epochs:>10.2f}" in out and f"warning: the run repeats data: {shards[0].prefix} ({epochs:.2f} epochs)" in out
 
 
+@pytest.mark.slow
 def test_slurm_array_job_prepares_one_shard_per_task(tokenizer_dir, tmp_path):
     """slurm/prepare_data.sh as array task 1 of 2 runs it (SLURM_ARRAY_* set, no sbatch here), task 0 in
     this process: the merged shards are the one-shot dataset. (Resubmitted tasks: test_rerun_...)"""

@@ -52,6 +52,7 @@ def samples(report, name, task):
     return report["models"][name]["samples"][task]
 
 
+@pytest.mark.slow
 def test_full_rank_scores_exactly_as_the_source(models, tmp_path, capsys):
     src, full = str(models / "src"), str(models / "full")
     report = eval_json(["eval", "tasks", src, full, "--tasks", "local", "--limit", "12"], tmp_path / "r.json")
@@ -70,6 +71,7 @@ def test_full_rank_scores_exactly_as_the_source(models, tmp_path, capsys):
     assert re.search(r"relaxrec_pydoc_lastword \(0-shot\)\s+acc", table) and "mean accuracy" in table
 
 
+@pytest.mark.slow
 def test_megatron_checkpoints_score_as_their_hf_export(models, tmp_path):
     # a training run's layout: checkpoints/latest -> step_N/model, the tokenizer in the run's init/student
     run = tmp_path / "run"
@@ -88,6 +90,7 @@ def test_megatron_checkpoints_score_as_their_hf_export(models, tmp_path):
         assert samples(report, ref, LASTWORD) == base  # the same tensors: bit for bit
 
 
+@pytest.mark.slow
 def test_untrained_rank0_scores_below_the_source(tmp_path):
     """The real SmolLM2-135M against its pure recursive (rank 0) conversion before any uptraining."""
     source = str(smollm_checkpoint())
@@ -100,6 +103,7 @@ def test_untrained_rank0_scores_below_the_source(tmp_path):
     assert r0[LASTWORD]["perplexity"] > 10 * src[LASTWORD]["perplexity"]
 
 
+@pytest.mark.slow
 def test_a_users_task_folder(models, tmp_path):
     data = tmp_path / "tasks" / "words.jsonl"
     data.parent.mkdir()
@@ -135,6 +139,7 @@ def run_error(capsys, argv) -> str:
     return err
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line_and_writes_nothing(models, tmp_path, capsys):
     out = tmp_path / "r.json"
     src = str(models / "src")
@@ -259,6 +264,7 @@ def test_task_builders_on_a_small_text():
 
 # -- at the end of a training run ---------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_run_scores_its_final_checkpoint_on_eval_tasks(models, tmp_path, capfd):
     import numpy as np
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder

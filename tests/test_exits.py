@@ -8,10 +8,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-import relaxrec_megatron  # noqa: F401
 from parity import EXIT_CASES, EXIT_LAYOUTS, TEACHER, TOKENS, full_grads
 from relaxrec_megatron.model.state_adapter import canonical_getter
-from relaxrec_megatron.parallel.schedule import batch_from_tokens
+from pipeline import batch_from_tokens
 
 
 def kl(target_logits, logits, T):
@@ -55,6 +54,7 @@ def reference(relaxed, case):
             canonical_getter(grads.__getitem__, cfg.num_key_value_heads))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", EXIT_LAYOUTS)
 @pytest.mark.parametrize("case", EXIT_CASES, ids=[c["name"] for c in EXIT_CASES])
 def test_exit_loss_and_gradients_equal_plain_torch(parity_runs, relaxed, layout, case):

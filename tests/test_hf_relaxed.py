@@ -10,7 +10,6 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-import relaxrec_megatron  # noqa: F401  (registers the Auto classes)
 from relaxrec_megatron.hf.checkpoint import CheckpointReader
 from relaxrec_megatron.hf.convert import REPORT_FILE, RecursionSpec, convert_to_relaxed
 from relaxrec_megatron.hf.export import export_unrolled
@@ -170,6 +169,7 @@ with torch.no_grad():
 """
 
 
+@pytest.mark.slow
 def test_trust_remote_code_loads_without_the_package(tiny_dirs, tmp_path):
     convert_to_relaxed(str(tiny_dirs["gemma"]), tmp_path / "rel", RecursionSpec(rank=4), progress=False)
     out = subprocess.run([sys.executable, "-c", BLOCK_PACKAGE, str(tmp_path / "rel")], capture_output=True, text=True,

@@ -18,14 +18,27 @@ def reference(student, teacher, labels, alpha, T):
     return loss.detach(), ce.detach(), kl.detach(), s.grad
 
 
-@pytest.mark.parametrize("alpha, T, chunk", [(0.5, 1.0, 4), (0.0, 2.0, 1), (1.0, 1.0, 100)])
-def test_kd_loss_matches_plain_torch_at_tp2(tmp_path, alpha, T, chunk):
-    # 15 tokens in chunks of `chunk` (a partial last chunk, one token at a time, all at once)
+# 15 tokens in chunks of `chunk` (a partial last chunk, one token at a time, all at once)
+CASES = [(0.5, 1.0, 4), (0.0, 2.0, 1), (1.0, 1.0, 100)]
+
+
+@pytest.fixture(scope="module")
+def tp2_world(tmp_path_factory):
+    """One TP=2 world computes every case."""
+    out = tmp_path_factory.mktemp("kd")
     g = torch.Generator().manual_seed(0)
     student, teacher = torch.randn(5, 3, 64, generator=g) * 3, torch.randn(5, 3, 64, generator=g) * 3
     labels = torch.randint(0, 64, (5, 3), generator=g)
-    run_world(kd_job, 2, student, teacher, labels, alpha, T, 2, str(tmp_path), chunk, timeout=300)
-    shards = [torch.load(tmp_path / f"kd{r}.pt") for r in range(2)]
+    run_world(kd_job, 2, student, teacher, labels, CASES, 2, str(out), timeout=300)
+    return student, teacher, labels, out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", range(len(CASES)), ids=[f"alpha{a}-T{t}-chunk{c}" for a, t, c in CASES])
+def test_kd_loss_matches_plain_torch_at_tp2(tp2_world, case):
+    student, teacher, labels, out = tp2_world
+    alpha, T, _ = CASES[case]
+    shards = [torch.load(out / f"kd{case}.{r}.pt") for r in range(2)]
     loss, ce, kl, grad = reference(student, teacher, labels, alpha, T)
     for s in shards:  # the loss is replicated on every TP rank
         torch.testing.assert_close(s["loss"], loss, rtol=1e-5, atol=1e-5)

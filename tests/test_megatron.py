@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-import relaxrec_megatron  # noqa: F401
 from megatron_jobs import fp8_context_job, load_job, save_job, te_row_lora_job
 from parity import CASES, LAYOUTS, TOKENS, full_grads
 from relaxrec_megatron.parallel.local_world import run_world
@@ -25,6 +24,7 @@ def hf_logits(folder: Path) -> torch.Tensor:
         return model(TOKENS, use_cache=False).logits
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("name", [c[0] for c in CASES])
 def test_logits_equal_the_hf_reference(parity_runs, relaxed, layout, name):
@@ -33,6 +33,7 @@ def test_logits_equal_the_hf_reference(parity_runs, relaxed, layout, name):
     assert diff <= 1e-4, diff
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [c[0] for c in CASES])
 def test_gradients_equal_the_hf_reference(parity_runs, relaxed, name):
     """Single-process Megatron gradients (after finalize_grads) vs autograd through the HF reference
@@ -58,6 +59,7 @@ def test_gradients_equal_the_hf_reference(parity_runs, relaxed, name):
         assert rel <= 1e-5, (key, rel)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", [name for name in LAYOUTS if name != "tp1pp1"])
 @pytest.mark.parametrize("name", [c[0] for c in CASES])
 def test_gradients_equal_single_process(parity_runs, layout, name):
@@ -69,6 +71,7 @@ def test_gradients_equal_single_process(parity_runs, layout, name):
         assert rel <= 1e-5, (key, rel)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout, key", [("tp1pp2", "model.layers.0.attn.qkv.weight"),
                                          ("tp2pp1", "model.relax.0.lora.o.lora_B")])
 def test_gradient_contracts_are_needed(parity_runs, layout, key):
@@ -78,6 +81,7 @@ def test_gradient_contracts_are_needed(parity_runs, layout, key):
     assert float((raw[key] - ref[key]).norm() / ref[key].norm()) > 1e-2
 
 
+@pytest.mark.slow
 def test_each_unrolled_layer_runs_in_megatrons_fp8_context_for_it(relaxed, tmp_path):
     # megatron decides per global layer number (FP8 or, for the first/last, bf16); recompute must
     # enter the same context again when it reruns a layer's forward inside backward
@@ -87,14 +91,15 @@ def test_each_unrolled_layer_runs_in_megatrons_fp8_context_for_it(relaxed, tmp_p
     assert len(depth) > 2 and got["asked"] == depth + depth[::-1]
 
 
+@pytest.mark.slow
 def test_dist_checkpoint_reshards(relaxed, parity_runs, tmp_path):
     name = "gemma-lora"
     run_world(save_job, 2, str(relaxed / name), 2, 1, str(tmp_path / "ckpt"), timeout=600)
     reference = torch.load(parity_runs / "tp1pp1" / f"{name}.logits.pt")
-    for tp, pp in [(1, 2), (1, 1)]:
-        out = tmp_path / f"logits-{tp}{pp}.pt"
-        run_world(load_job, tp * pp, str(relaxed / name), tp, pp, str(tmp_path / "ckpt"), TOKENS, str(out), timeout=600)
-        assert (torch.load(out) - reference).abs().max().item() <= 1e-6
+    # saved at TP=2, loaded at PP=2 (one process reads it without a model: test_megatron_checkpoint_...)
+    out = tmp_path / "logits-pp2.pt"
+    run_world(load_job, 2, str(relaxed / name), 1, 2, str(tmp_path / "ckpt"), TOKENS, str(out), timeout=600)
+    assert (torch.load(out) - reference).abs().max().item() <= 1e-6
 
 
 def relaxrec(*argv):
@@ -201,6 +206,7 @@ def test_add_lora_in_place_equals_autograd(groups, columns):
     assert torch.autograd.gradcheck(in_place, (base, z, *Bs))
 
 
+@pytest.mark.slow
 def test_te_row_parallel_lora_gradients_under_sequence_parallelism(tmp_path):
     # the TE variant's LoRA wiring on CPU: its TE base swapped for megatron's local row-parallel linear
     run_world(te_row_lora_job, 2, str(tmp_path / "grads.pt"), timeout=300)

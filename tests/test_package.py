@@ -38,6 +38,7 @@ def relaxrec(installed, *argv):
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_the_wheel_ships_its_configs_tasks_and_type_marker(installed):
     target, _ = installed
     package = target / "relaxrec_megatron"
@@ -46,6 +47,7 @@ def test_the_wheel_ships_its_configs_tasks_and_type_marker(installed):
         assert (package / name).is_file(), name
 
 
+@pytest.mark.slow
 def test_installed_commands_find_shipped_configs_from_another_directory(installed):
     target, _ = installed
     out = relaxrec(installed, "params", "gemma-2b", "--rank", "512")
@@ -59,3 +61,12 @@ def test_installed_commands_find_shipped_configs_from_another_directory(installe
     assert printed.returncode == 0 and '"source": "builtin:smollm2-135m"' in printed.stdout, printed.stderr
     bad = relaxrec(installed, "train", "--config", "no-such-run", "--print-config")
     assert bad.returncode == 2 and "nor a shipped config (" in bad.stderr and "gemma-2b-relaxed," in bad.stderr
+
+
+@pytest.mark.slow
+def test_installed_commands_load_relaxed_checkpoints_without_remote_code(installed, chat_model):
+    """A fresh process registers the relaxed model itself: no trust_remote_code prompt, no warning."""
+    folder, _ = chat_model
+    out = relaxrec(installed, "generate", str(folder), "Hello", "--max-new-tokens", "2")
+    assert out.returncode == 0, out.stderr
+    assert "custom code" not in out.stdout + out.stderr and "to instantiate a model of type" not in out.stderr

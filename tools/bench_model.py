@@ -55,7 +55,8 @@ def main() -> int:
     a = p.parse_args()
 
     os.environ.update(MASTER_ADDR="127.0.0.1", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    from relaxrec_megatron.parallel.distributed import build_model, free_port, init_distributed
+    from relaxrec_megatron.model.build import build_model
+    from relaxrec_megatron.parallel.distributed import free_port, init_distributed
 
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     init_distributed(1, 1)

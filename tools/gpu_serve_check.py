@@ -76,10 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from transformers import AutoModelForCausalLM
 
-    import relaxrec_megatron  # noqa: F401  (registers the relaxed model)
+    from relaxrec_megatron import register
     from relaxrec_megatron.hf.convert import RecursionSpec, convert_to_relaxed
     from relaxrec_megatron.inference.bench import TraceSpec, format_rows, make_trace, run_benchmark
     from relaxrec_megatron.inference.weights import engine_weights
+
+    register()
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     device = torch.device(args.device)

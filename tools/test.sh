@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Fresh machine -> the test suite (CPU only: about 17 minutes on 2 cores once the environment exists,
-# which takes about 3 minutes to build).
+# Fresh machine -> the test suite, CPU only: about 15-18 minutes on 2 cores once the environment
+# exists (about 3 minutes to build). `bash tools/test.sh -m "not slow"` leaves out the tests that
+# spawn processes or run a model for long (about 3 minutes); arguments go to pytest.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/tools/env.sh"

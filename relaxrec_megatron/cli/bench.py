@@ -59,7 +59,9 @@ def add_parser(sub) -> None:
 def _models(args):
     from transformers import AutoModelForCausalLM
 
-    import relaxrec_megatron  # noqa: F401
+    from .. import register
+
+    register()
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     load = lambda path: AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(args.device).eval()

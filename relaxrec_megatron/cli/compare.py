@@ -39,7 +39,9 @@ def run(args) -> int:
     source = smollm_checkpoint()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import relaxrec_megatron  # noqa: F401  (registers the relaxed model with the Auto classes)
+    from .. import register
+
+    register()
 
     tokenizer = AutoTokenizer.from_pretrained(source)
     ids = torch.tensor(tokenizer("\n\n".join(pydoc_topics("heldout"))).input_ids[: args.eval_tokens])

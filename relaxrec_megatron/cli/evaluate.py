@@ -7,11 +7,10 @@ checkpoints folder (its latest step); Megatron checkpoints are exported to HF on
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 from ..errors import UserError
+from ..files import write_json
 from .options import require_matplotlib, resolve_device
 
 
@@ -80,14 +79,6 @@ def _positive(args, *names) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
 
 
-def _write_json(path: str, data: dict) -> None:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, out)
-
-
 def _label(name: str) -> str:
     return name if len(name) <= 26 else "…" + name[-25:]
 
@@ -120,7 +111,7 @@ def run_tasks(args) -> int:
     report = {"tasks": tasks, "num_fewshot": args.num_fewshot, "limit": args.limit, "models": {}}
     with export_dir() as tmp:
         models = [resolve(m, Path(tmp), args.tokenizer) for m in args.models]  # every reference checked first
-        manager = harness.task_manager(args.include_path)
+        manager = harness.task_manager(args.include_path, tasks)
         harness.check_tasks(tasks, manager)
         for m in models:
             print(f"[eval] {m.name} ({m.kind}): {', '.join(tasks)}", flush=True)
@@ -130,7 +121,7 @@ def run_tasks(args) -> int:
             del lm
     print()
     print(format_table(report))
-    _write_json(args.output, report)
+    write_json(args.output, report)
     print(f"\n[eval] wrote {args.output}")
     return 0
 
@@ -220,7 +211,7 @@ def run_ppl(args) -> int:
         print(f"{_label(r['model']):<40}{r['perplexity']:>12.3f}{r['tokens']:>10}{r['context']:>9}{r['stride']:>8}"
               f"{r['tokens_per_s']:>9.0f}")
     if args.output:
-        _write_json(args.output, {"data": args.data, "models": rows})
+        write_json(args.output, {"data": args.data, "models": rows})
         print(f"\n[eval] wrote {args.output}")
     return 0
 
@@ -260,7 +251,7 @@ def run_exits(args) -> int:
     print()
     print(format_exits(report))
     if args.output:
-        _write_json(args.output, report)
+        write_json(args.output, report)
         print(f"\n[eval] wrote {args.output}")
     if args.plot:
         from ..evaluation.plots import exit_tradeoff
@@ -274,7 +265,7 @@ def run_exits(args) -> int:
 
 def format_exits(report: dict) -> str:
     ppl = report["per_loop_perplexity"]
-    lines = [f"perplexity by loop: " + "  ".join(f"loop {b + 1} {v:.3f}" for b, v in enumerate(ppl)),
+    lines = ["perplexity by loop: " + "  ".join(f"loop {b + 1} {v:.3f}" for b, v in enumerate(ppl)),
              f"{report['tokens']} tokens; a token leaves at the first loop whose confidence reaches the threshold", "",
              f"{'criterion':<10}{'threshold':>10}{'exits by loop':>24}{'loops/token':>13}{'agreement':>11}"
              f"{'perplexity':>14}"]
@@ -302,5 +293,5 @@ def _store_calibration(name: str, report: dict, megatron_checkpoint) -> None:
     folder = megatron_checkpoint(path) or path
     keep = {k: report[k] for k in ("data", "tokens", "context", "stride", "agreement_target", "per_loop_perplexity",
                                    "maxprob", "margin")}
-    _write_json(str(folder / EXIT_CALIBRATION_FILE), keep)
+    write_json(str(folder / EXIT_CALIBRATION_FILE), keep)
     print(f"[eval] stored the calibrated thresholds in {folder / EXIT_CALIBRATION_FILE}")

@@ -30,10 +30,11 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import relaxrec_megatron  # noqa: F401
-
+    from .. import register
     from ..inference.engine import Engine, ExitPolicy, Request, mean_loops_per_token
     from ..inference.weights import engine_weights
+
+    register()
 
     prompts = list(args.prompts)
     if args.file:

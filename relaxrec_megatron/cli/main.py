@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-import warnings
 
+from ..console import quiet_third_party
 from ..errors import UserError
 from . import bench, compare, convert, data, demo, evaluate, export, generate, params, plan, train
 
@@ -22,15 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def quiet_library_noise() -> None:
-    """Import-time chatter of torch/megatron on CPU machines ("No CUDA runtime", "TE not installed")."""
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", module=r"megatron(\.|$)")
-    warnings.filterwarnings("ignore", message=r".*(Transformer Engine|absl\.logging|async save).*")
-
-
 def main(argv: list[str] | None = None) -> int:
-    quiet_library_noise()
+    quiet_third_party()
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args) or 0)

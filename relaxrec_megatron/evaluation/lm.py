@@ -23,6 +23,17 @@ def perplexity(model, token_ids: torch.Tensor, window: int = 512) -> float:
 
 
 @torch.no_grad()
+def max_logit_difference(a, b, token_ids: torch.Tensor, window: int = 512) -> float:
+    """max |logits_a - logits_b| over the windows `perplexity` scores: 0 where two models are the same."""
+    worst = 0.0
+    for start in range(0, token_ids.numel() - 1, window):
+        chunk = token_ids[None, start : start + window]
+        la, lb = (m(chunk, use_cache=False).logits.float() for m in (a, b))
+        worst = max(worst, float((la - lb).abs().max()))
+    return worst
+
+
+@torch.no_grad()
 def greedy(model, tokenizer, prompt: str, max_new_tokens: int = 16) -> str:
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,

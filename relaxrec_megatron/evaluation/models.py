@@ -43,7 +43,7 @@ def megatron_checkpoint(path: Path) -> Path | None:
     if (path / "model" / CONFIG_FILE).is_file():  # a training checkpoint step_N/
         return path / "model"
     if (path / "latest").is_file():  # a run's checkpoints/ folder
-        from ..training.trainer import latest_checkpoint
+        from ..model.checkpoint import latest_checkpoint
 
         step = latest_checkpoint(path)
         if step is None:
@@ -109,7 +109,9 @@ def load(model: EvalModel, device: str = "cpu", dtype: str = "auto"):
     import transformers
     from transformers import AutoModelForCausalLM
 
-    import relaxrec_megatron  # noqa: F401  (registers the relaxed model with the Auto classes)
+    from .. import register
+
+    register()
 
     transformers.utils.logging.disable_progress_bar()
     lm = AutoModelForCausalLM.from_pretrained(model.folder, dtype="auto" if dtype == "auto" else DTYPES[dtype])

@@ -3,8 +3,9 @@ an optional extra: `pip install 'relaxrec-megatron[plot]'`)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from ..files import write_atomically
 
 
 def _pyplot():
@@ -17,11 +18,7 @@ def _pyplot():
 
 
 def _save(fig, path: str) -> None:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}{out.suffix}")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    os.replace(tmp, out)
+    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight"))
 
 
 def exit_tradeoff(report: dict, path: str) -> None:

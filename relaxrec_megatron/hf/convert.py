@@ -15,7 +15,8 @@ from ..recursion import SharingPlan, Strategy, InitMethod, init_shared, shared_i
 from ..recursion.lora import LoraInit, clip_rank, lora_factors
 from ..recursion.params import LayerShapes
 from .arch import ArchAdapter, adapter_for
-from .checkpoint import CheckpointError, CheckpointReader, ShardedWriter, atomic_output_dir, copy_side_files
+from ..files import atomic_output_dir
+from .checkpoint import CheckpointError, CheckpointReader, ShardedWriter, copy_side_files
 from .configuration_relaxrec import RelaxedRecursiveConfig
 from .layout import GLOBAL_PATHS, is_linear_weight, is_per_layer, layer_path, lora_paths
 

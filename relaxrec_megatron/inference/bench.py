@@ -94,26 +94,31 @@ def sampled_exit_traces(trace: list[Request], loops: int, exit_prob: float, seed
 
 
 def simulate(trace: list[Request], traces: list[list[int]], loops: int, max_batch: int, depthwise: bool,
-             cost: StepCost, schedule: str = "bytes") -> dict:
+             cost: StepCost, schedule: str = "bytes", decides: bool = False) -> dict:
     """Replays the scheduler with oracle exits (trace[i][t]: the loop at which request i's token t exits;
     token 0 comes from the prefill and runs every loop) and returns tokens per unit of cost. A depth-wise
     step runs the loops that schedule.choose_loops picks under `cost` (schedule "bytes") or every loop
-    present ("all"), and pays for those loops alone: the K/V fills ride them."""
+    present ("all"), and pays for those loops alone: the K/V fills ride them. It pays the LM head when
+    a row it runs calls it: to emit, or, with `decides` (the exits a confidence rule took), to decide
+    whether to exit, which every decoded row at an earlier loop does, as in the engine."""
     waiting = [(r.max_new_tokens, t) for r, t in zip(trace, traces)]
     rows: list[list] = []  # [generated, loop, max_new, trace, steps waited]
-    spent = tokens = 0
+    spent = tokens = steps = head_steps = 0
     emits = lambda row: row[1] == loops - 1 or (0 < row[0] < len(row[3]) and row[3][row[0]] <= row[1])
+    calls_head = lambda row: emits(row) or (decides and row[0] > 0)
     while waiting or rows:
         while waiting and len(rows) < max_batch:
             m, t = waiting.pop(0)
             rows.append([0, 0, m, t, 0])
+        steps += 1
         if not depthwise:
             spent += loops * (cost.shared + cost.lora) + cost.head
-            tokens += len(rows)
+            tokens, head_steps = tokens + len(rows), head_steps + 1
             rows = [[g + 1, 0, m, t, 0] for g, _, m, t, _ in rows if g + 1 < m]
             continue
-        run = step_loops([(row[1], emits(row), row[4]) for row in rows], loops, cost, schedule)
+        run = step_loops([(row[1], calls_head(row), row[4]) for row in rows], loops, cost, schedule)
         keep, emitted = [], 0
+        head = any(row[1] in run and calls_head(row) for row in rows)
         for row in rows:
             gen, loop, m, t, waited = row
             if loop not in run:
@@ -124,10 +129,10 @@ def simulate(trace: list[Request], traces: list[list[int]], loops: int, max_batc
                     keep.append([gen + 1, 0, m, t, 0])
             else:
                 keep.append([gen, loop + 1, m, t, 0])
-        spent += cost.shared + cost.lora * len(run) + (cost.head if emitted else 0)
-        tokens += emitted
+        spent += cost.shared + cost.lora * len(run) + (cost.head if head else 0)
+        tokens, head_steps = tokens + emitted, head_steps + head
         rows = keep
-    return {"tokens_per_cost": tokens / spent}
+    return {"tokens_per_cost": tokens / spent, "steps": steps, "head_steps": head_steps}
 
 
 def run_benchmark(weights: EngineWeights, trace: list[Request], max_batch: int, max_len: int,
@@ -151,8 +156,9 @@ def run_benchmark(weights: EngineWeights, trace: list[Request], max_batch: int, 
     }
     for mode, t in traces.items():
         runs[mode] = lambda t=t: serve(weights, trace, "cdb", max_batch, max_len, ExitPolicy("oracle"), t, schedule)
-    if confidence is not None:
-        runs[f"CDB + maxprob>={confidence:g}"] = lambda: serve(weights, trace, "cdb", max_batch, max_len,
+    deciding = f"CDB + maxprob>={confidence:g}" if confidence is not None else None
+    if deciding:
+        runs[deciding] = lambda: serve(weights, trace, "cdb", max_batch, max_len,
                                                                 ExitPolicy("maxprob", confidence), schedule=schedule)
     results: dict[str, list[dict]] = {mode: [] for mode in runs}
     for _ in range(repeats):
@@ -178,8 +184,8 @@ def run_benchmark(weights: EngineWeights, trace: list[Request], max_batch: int, 
             seq = simulate(trace, traces["CDB, no exits"], B, max_batch, False, cost)["tokens_per_cost"]
             for r in rows:
                 if r["mode"] in traces:
-                    r[column] = simulate(trace, traces[r["mode"]], B, max_batch, True, cost,
-                                         schedule)["tokens_per_cost"] / seq
+                    r[column] = simulate(trace, traces[r["mode"]], B, max_batch, True, cost, schedule,
+                                         decides=r["mode"] == deciding)["tokens_per_cost"] / seq
     if not keep_traces:
         for r in rows:
             del r["exit_trace"]

@@ -27,7 +27,7 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 
-from ..model import numerics
+from .. import numerics
 from .kv_cache import KVCache
 from .weights import EngineWeights, LayerW, NormW, Projection
 
@@ -102,8 +102,8 @@ def project(x: torch.Tensor, p: Projection, tb: TokenBatch, rows_only: tuple[str
     present and at most MASKED_MAX_TOKENS tokens: one GEMM gives every loop's activations for every
     token, those of other loops are zeroed, and one GEMM per module adds sum_b B_b (A_b x masked). It
     does B times the LoRA FLOPs in a third of the calls (13 vs 33 a layer at 3 loops), which wins where
-    calls cost more than FLOPs: a 3-loop SmolLM2 block at 8 rows 29.0 vs 31.5 ms, at 32 rows 42.6 vs
-    44.7 ms, at 64 rows (87 tokens) 71.6 vs 65.8 ms (scratch timing, K/V fills included)."""
+    calls cost more than FLOPs: at decode batch sizes, not at large ones (docs/benchmarks.md, Serving
+    kernels, has the crossover on SmolLM2)."""
     ys = []
     for m, w in p.modules.items():
         n = tb.rows if m in rows_only else x.shape[0]
@@ -142,11 +142,7 @@ def norm(x: torch.Tensor, nw: NormW, cfg, loop: torch.Tensor | None) -> torch.Te
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x (T, heads, hd); rotates the first cos.shape[-1] dims (partial rotary for GPT-NeoX)."""
-    d = cos.shape[-1]
-    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
-    rot, rest = x[..., :d], x[..., d:]
-    x1, x2 = rot.chunk(2, dim=-1)
-    return torch.cat((rot * cos + torch.cat((-x2, x1), dim=-1) * sin, rest), dim=-1)
+    return numerics.rotate(x, cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype))
 
 
 def attention(x: torch.Tensor, lw: LayerW, cfg, tb: TokenBatch, cache: KVCache, layer: int) -> torch.Tensor:

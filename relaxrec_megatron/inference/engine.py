@@ -91,6 +91,7 @@ class Stats:
     steps: int = 0
     tokens: int = 0
     seconds: float = 0.0
+    head_calls: int = 0  # steps that ran the LM head (to emit or to decide exits)
     exits_per_loop: list[int] = field(default_factory=list)
 
     @property
@@ -163,6 +164,7 @@ class Engine:
             if self.record and b < self.B - 1:
                 self._record_predictions(rows, self._greedy(rows))
         tokens = self._greedy(rows)
+        stats.head_calls += 1
         if self.record:
             self._record_predictions(rows, tokens)
         return self._emit(rows, tokens, stats, t0, on_token)
@@ -180,6 +182,7 @@ class Engine:
         early = [r for r in active if r.loop < self.B - 1 and not r.prefill]
         kind = self.exit.kind
         if kind in ("maxprob", "margin") and early:
+            stats.head_calls += 1
             decide = self._ids([False] * len(final) + [True] * len(early))
             tokens, exits = self.head.exits(self._last_hidden(final + early), kind, self.exit.threshold, decide)
             taken = [(r, t) for r, t, e in zip(early, tokens[len(final):], exits[len(final):]) if e]
@@ -187,6 +190,7 @@ class Engine:
         else:
             exited = [r for r in early if kind == "oracle" and self._oracle_exit(r)]
             tokens = self._greedy(final + exited)
+            stats.head_calls += bool(final + exited)
         done = {id(r) for r in final + exited}
         carry = [r for r in rows if id(r) not in done]
         for r in carry:

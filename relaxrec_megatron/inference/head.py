@@ -2,9 +2,9 @@
 each row is confident enough to exit: both exactly as the fp32 logits give them.
 
 Logits (`RowsLinear`): on CPU in fp32 with MKL, MKL's packed GEMM. The weight is packed once instead of
-on every call, which runs the SmolLM2 LM head (49152 x 576) at 8 rows 2.3x faster (4.9 vs 11.5 ms,
-measured here); it keeps a packed copy of the weight and differs from F.linear only by summation
-order (max |diff| 6e-5 on logits of that head). Elsewhere (GPU, bf16, no MKL): F.linear.
+on every call, which is what a head applied to a few rows at a time pays for most (docs/benchmarks.md,
+Serving kernels); it keeps a packed copy of the weight and differs from F.linear only by summation
+order (max |diff| 6e-5 on the logits of SmolLM2's head). Elsewhere (GPU, bf16, no MKL): F.linear.
 
 Screened head (`ScreenedHead`), on CPUs with native bf16 GEMMs (AMX / AVX512-BF16) and an fp32 head:
 a bf16 copy of the head (half the bytes; packed once for oneDNN, `PackedBF16Linear`) scores every
@@ -30,9 +30,8 @@ then only what the bound leaves open is computed in fp32.
 Where the logits are so flat that over 1/8 of the vocabulary needs fp32 scores, the whole fp32 head
 is used instead. tests/test_head.py checks the bound against fp64, near-ties below bf16's resolution,
 and exit decisions at 3e-5 of the threshold against the fp32 logits'. Memory: the packed bf16 head
-(56 MB for SmolLM2) next to the packed fp32 one. Time per call inside SmolLM2 bench runs (3 loops,
-batch 8, scratch timing), before -> now: seq-CB greedy 7.4-7.9 -> 5.2-5.5 ms, CDB greedy 6.2-6.8 ->
-4.7 ms, max-prob exits 9.7-10.3 (the whole fp32 head and a softmax) -> 6.7-7.2 ms.
+(56 MB for SmolLM2) next to the packed fp32 one. docs/benchmarks.md (Serving kernels) has its time
+per call against the whole fp32 head's.
 """
 
 from __future__ import annotations
@@ -66,8 +65,8 @@ class RowsLinear:
 
 class PackedBF16Linear:
     """x @ W^T in bf16 with fp32 accumulation, the weight reordered once for oneDNN: F.linear reorders it
-    on every call, which costs as much as the GEMM (SmolLM2's head at 8 rows: 2.2 vs 4.6 ms with the
-    weight out of cache). The same products, summed the same way: the results are bitwise equal."""
+    on every call, which costs as much as the GEMM. The same products, summed the same way: the
+    results are bitwise equal."""
 
     def __init__(self, weight: torch.Tensor, batch_hint: int = 8):
         self.weight, self.packed = weight, None

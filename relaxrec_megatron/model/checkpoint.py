@@ -19,6 +19,10 @@ from .settings import RelaxedSettings
 from .state_adapter import local_shard, pieces, set_local_shard
 
 CONFIG_FILE = "relaxrec_config.json"
+# a run's checkpoints/ folder (training.checkpoints): step_N/model is a dist checkpoint; `latest`
+# names the last complete step_N, which holds STATE_FILE once every part of it is written
+LATEST_FILE = "latest"
+STATE_FILE = "trainer_state.json"
 # fields that must agree between a checkpoint and the model that loads it
 RECURSION_FIELDS = ("model_type", "num_hidden_layers", "num_shared_layers", "num_loops", "recursion_strategy",
                     "layer_plan", "lora_ranks", "share_norms", "share_biases", "hidden_size", "intermediate_size",
@@ -82,3 +86,12 @@ def load(model, settings: RelaxedSettings, folder: str | Path) -> None:
     params = dict(model.named_parameters())
     for piece in pieces(model, settings):
         set_local_shard(piece, params[piece.param], loaded[f"{piece.canon}@{piece.param}@{piece.part}"])
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The step_N/ that a run's checkpoints/ folder names as its latest complete one, if any."""
+    marker = Path(root) / LATEST_FILE
+    if not marker.is_file():
+        return None
+    folder = Path(root) / marker.read_text().strip()
+    return folder if (folder / STATE_FILE).is_file() else None

@@ -6,39 +6,20 @@ reshards them on load into any TP/PP layout.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
 import shutil
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from ..hf.checkpoint import CheckpointReader, ShardedWriter, atomic_output_dir, copy_side_files
+from ..files import atomic_output_dir
+from ..hf.checkpoint import CheckpointReader, ShardedWriter, copy_side_files
 from ..hf.convert import REMOTE_CODE, REPORT_FILE
 from ..hf.export import open_relaxed
+from ..parallel.distributed import single_process_group
 from .checkpoint import CONFIG_FILE, read_config
 from .state_adapter import canonical_getter, fused_name, qkv_members, split_qkv
-
-
-@contextlib.contextmanager
-def single_process_group():
-    """dist_checkpointing needs a process group; make a 1-rank gloo one if there is none."""
-    if dist.is_initialized():
-        yield
-        return
-    from ..parallel import cpu_mode
-    from ..parallel.distributed import free_port
-
-    cpu_mode.enable()
-    # a port of its own, not MASTER_PORT: the environment may belong to a launcher's store
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def relaxed_to_megatron(relaxed: str | Path, output: str | Path, overwrite: bool = False) -> Path:

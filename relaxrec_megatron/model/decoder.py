@@ -3,7 +3,7 @@
 Pipeline layout (replicas): the unrolled depth L is split evenly over the PP stages; a stage
 builds each shared layer it runs, with the LoRA of the loops it runs. A shared layer that appears
 on several stages is a replica on each, kept identical by summing its gradients over those stages
-(`parallel.grads.finalize_grads`, the contract megatron-core keeps for tied word embeddings).
+(`training.grads.finalize_grads`, the contract megatron-core keeps for tied word embeddings).
 Cost: with CYCLE and PP <= B every stage holds all K shared layers (memory K layers per stage, an
 all-reduce of K layers' gradients over the stages per step); with SEQUENCE a shared layer's loops
 are contiguous, so it lives on one stage (two at a boundary) and nearly nothing is replicated.

@@ -13,7 +13,7 @@ from megatron.core.transformer.enums import ModelType
 
 from ..errors import UserError
 from ..hf.configuration_relaxrec import RelaxedRecursiveConfig
-from ..hf.modeling_relaxrec import RotaryEmbedding
+from ..numerics import rope_inv_freq
 from .decoder import RecursiveDecoder
 from .settings import RelaxedSettings
 
@@ -23,10 +23,10 @@ class RopeFreqs(nn.Module):
 
     def __init__(self, settings: RelaxedSettings):
         super().__init__()
-        hf = RotaryEmbedding(RelaxedRecursiveConfig(**_config_fields(settings.hf)))
-        if hf.attention_scaling != 1.0:
-            raise UserError(f"rope with attention scaling {hf.attention_scaling} is not supported by the Megatron model")
-        self.register_buffer("inv_freq", hf.inv_freq.clone(), persistent=False)
+        inv_freq, scaling = rope_inv_freq(RelaxedRecursiveConfig(**_config_fields(settings.hf)))
+        if scaling != 1.0:
+            raise UserError(f"rope with attention scaling {scaling} is not supported by the Megatron model")
+        self.register_buffer("inv_freq", inv_freq.clone(), persistent=False)
 
     def forward(self, seq_len: int) -> torch.Tensor:
         pos = torch.arange(seq_len, device=self.inv_freq.device, dtype=torch.float32)

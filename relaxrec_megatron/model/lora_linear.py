@@ -10,7 +10,7 @@ Column side: z = A x is computed once per rank and B_local z gives this rank's o
 sequence parallelism z (r wide, not h) is what gets all-gathered. Row side: B (A_local x_local) is a
 partial sum like the base output, so it is added *before* the base's all-reduce / reduce-scatter
 and LoRA adds no collective; B's gradient is then a partial sum too, and `relaxrec_tp_sum_grad`
-tells `parallel.grads.finalize_grads` to sum it over TP.
+tells `training.grads.finalize_grads` to sum it over TP.
 
 A fused output (linear_qkv, linear_fc1) is several modules: q, k, v interleaved per query group
 [q heads of g, k_g, v_g], and [gate_i; up_i] on each TP rank. Each module has its own A and B.

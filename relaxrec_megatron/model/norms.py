@@ -1,4 +1,4 @@
-"""Norms with the source models' exact numerics (model/numerics.py), shared or one per loop."""
+"""Norms with the source models' exact numerics (relaxrec_megatron/numerics.py), shared or one per loop."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .lora_linear import LoopAware
-from .numerics import norm
+from ..numerics import norm
 
 
 class LoopedNorm(nn.Module, LoopAware):

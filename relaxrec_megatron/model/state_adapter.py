@@ -33,6 +33,7 @@ class Piece:
     tp_axis: int | None  # axis the canonical tensor is split on over TP; None: replicated
     part: str = ""  # "q"/"k"/"v" inside linear_qkv, "gate"/"up" inside linear_fc1, "" for the whole param
     main_stage: bool = True  # this pipeline stage holds the main copy (replicas are not saved twice)
+    shared_layer: int | None = None  # a shared layer's own tensor (not a loop's): one parameter over its stages
 
 
 def pieces(model, settings: RelaxedSettings) -> list[Piece]:
@@ -66,7 +67,7 @@ def _layer_pieces(name: str, k: int, rest: str, s: RelaxedSettings, pp_rank: int
             kind, which = m.groups()
             canon = f"{canon_norm}.{kind}"
             if which == "shared":
-                return [Piece(name, shared_path(k, canon), None, main_stage=main)]
+                return [Piece(name, shared_path(k, canon), None, main_stage=main, shared_layer=k)]
             return [Piece(name, slot_path(unrolled(which), canon), None)]
     for prefix, modules in _linears(s).items():
         if not rest.startswith(prefix + "."):
@@ -78,7 +79,7 @@ def _layer_pieces(name: str, k: int, rest: str, s: RelaxedSettings, pp_rank: int
             modules, part = ("qkv",), (lambda mod: "")
         if tail in ("weight", "bias"):
             axis = (1 if row else 0) if tail == "weight" else (None if row else 0)
-            return [Piece(name, shared_path(k, f"{mod}.{tail}"), axis, part(mod), main) for mod in modules]
+            return [Piece(name, shared_path(k, f"{mod}.{tail}"), axis, part(mod), main, k) for mod in modules]
         m = re.fullmatch(r"loop_bias\.(\d+)", tail)
         if m:
             l = unrolled(m.group(1))

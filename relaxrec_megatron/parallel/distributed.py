@@ -1,7 +1,8 @@
-"""Process groups for TP/PP/DP (gloo on CPU, NCCL on GPUs) and building the model on this rank."""
+"""Process groups for TP/PP/DP (gloo on CPU, NCCL on GPUs)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from datetime import timedelta
@@ -45,26 +46,23 @@ def long_wait_group(timeout_s: float):
     return dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
 
 
-def build_model(settings, dtype: torch.dtype = torch.float32, use_te: bool | None = None, fp8: dict | None = None):
-    """This rank's stage of the relaxed recursive GPT model (parameters on the current device);
-    `fp8`: megatron's FP8 settings (training.precision.fp8_settings), which need the TE layers."""
-    from megatron.core import parallel_state as ps
-
-    from ..model.gpt import RelaxedRecursiveGPTModel
-    from ..model.layer import te_available
-    from ..model.settings import transformer_config
-
-    config = transformer_config(settings, dtype, fp8)
-    model = RelaxedRecursiveGPTModel(
-        config, settings, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
-        use_te=(bool(fp8) or te_available()) if use_te is None else use_te,
-    )
-    if torch.cuda.is_available():
-        model.cuda()
-    return model
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def single_process_group():
+    """dist_checkpointing needs a process group; make a 1-rank gloo one if there is none."""
+    if dist.is_initialized():
+        yield
+        return
+
+    cpu_mode.enable()
+    # a port of its own, not MASTER_PORT: the environment may belong to a launcher's store
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

@@ -219,7 +219,7 @@ class TrainConfig:
             raise UserError("DeepSpeed ZeRO-2 cannot be combined with pipeline parallelism; use zero_stage=1")
         if p.tp > 1 and p.zero_stage > 1:
             # ZeRO-2 reduce-scatters each gradient as backward produces it, before the TP sums of
-            # parallel.grads (row-parallel LoRA B, SP norms) could run on it
+            # training.grads (row-parallel LoRA B, SP norms) could run on it
             raise UserError("DeepSpeed ZeRO-2 cannot be combined with tensor parallelism; use zero_stage=1")
         if o.schedule not in ("cosine", "wsd"):
             raise UserError(f"optim.schedule must be cosine or wsd, got {o.schedule!r}")

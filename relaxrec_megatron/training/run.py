@@ -148,11 +148,15 @@ class Logger:
             self.wandb.finish()
 
 
-def train(cfg: TrainConfig) -> list[dict]:
-    """Runs (or resumes) the configured uptraining; a stop signal ends it with Preempted after a checkpoint."""
+def train(cfg: TrainConfig, hooks=None) -> list[dict]:
+    """Runs (or resumes) the configured uptraining; a stop signal ends it with Preempted after a
+    checkpoint. hooks: trainer.Hooks."""
+    from ..console import quiet_third_party
     from ..parallel.distributed import init_distributed
-    from .trainer import StopSignals, Trainer, latest_checkpoint
+    from .checkpoints import CheckpointManager
+    from .trainer import StopSignals, Trainer
 
+    quiet_third_party()  # also in processes spawned without the CLI (relaxrec demo's)
     signals = StopSignals()
     signals.install()  # before the slow setup: a preemption notice then still ends in an orderly stop
     init_distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.run.seed)
@@ -165,13 +169,13 @@ def train(cfg: TrainConfig) -> list[dict]:
     check_data(cfg)  # before the conversion, which can take hours
     student_dir, teacher_dir = prepare_checkpoints(cfg, run_dir)
     train_ds, valid_ds = build_data(cfg, student_dir)
-    trainer = Trainer(cfg, student_dir, teacher_dir, signals)
+    trainer = Trainer(cfg, student_dir, teacher_dir, signals, hooks)
     trainer.setup(train_ds, valid_ds)
-    ckpt_root = run_dir / "checkpoints"
+    checkpoints = CheckpointManager(run_dir / "checkpoints", cfg.checkpoint.keep_last, trainer.hooks)
     resume = cfg.checkpoint.resume
-    latest = latest_checkpoint(ckpt_root) if resume == "auto" else (Path(resume) if resume not in ("none", "") else None)
+    latest = checkpoints.latest() if resume == "auto" else (Path(resume) if resume not in ("none", "") else None)
     if latest is not None:
-        trainer.load(latest)
+        checkpoints.load(trainer, latest)
         if dist.get_rank() == 0:
             print(f"[train] resumed from {latest} at step {trainer.step}", flush=True)
     logger = Logger(cfg, run_dir, {k: trainer.settings.hf[k] for k in ("num_loops", "recursion_strategy",
@@ -197,12 +201,12 @@ def train(cfg: TrainConfig) -> list[dict]:
                       f"{by_loop}", flush=True)
         done = trainer.step >= cfg.optim.train_steps
         if done or trainer.stop_requested or rec["step"] % cfg.checkpoint.save_every == 0:
-            trainer.save(ckpt_root)
+            checkpoints.save(trainer)
     bar.close()
     if trainer.stop_requested and trainer.step < cfg.optim.train_steps:  # a stop at the last step is the end
         logger.close()
         stopped = Preempted(signals.received or "a signal to another rank", trainer.step,
-                            latest_checkpoint(ckpt_root), records)
+                            checkpoints.latest(), records)
         tell_launcher(stopped)
         raise stopped
     if cfg.eval.tasks and trainer.step >= cfg.optim.train_steps and dist.get_rank() == 0:
@@ -210,7 +214,7 @@ def train(cfg: TrainConfig) -> list[dict]:
         del trainer  # the scoring process needs the memory
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        results = score_tasks(cfg, latest_checkpoint(ckpt_root), run_dir)
+        results = score_tasks(cfg, checkpoints.latest(), run_dir)
         flat = {f"eval/{task}/{metric}": v for task, row in results.items() for metric, v in row.items()}
         if logger.wandb is not None:
             logger.wandb.log(flat, step=step)
@@ -229,7 +233,7 @@ def check_eval_tasks(cfg: TrainConfig) -> None:
 
         harness.quiet()
         try:
-            harness.check_tasks(cfg.eval.tasks, harness.task_manager(cfg.eval.include_path))
+            harness.check_tasks(cfg.eval.tasks, harness.task_manager(cfg.eval.include_path, cfg.eval.tasks))
         except UserError as e:
             raise UserError(f"eval.tasks: {e}") from None
 
@@ -294,10 +298,10 @@ def tell_launcher(stopped: Preempted) -> None:
             print(f"[train] {stopped}", flush=True)
 
 
-def train_entry(config_path: str, overrides: list[str], records_path: str | None = None) -> None:
+def train_entry(config_path: str, overrides: list[str], records_path: str | None = None, hooks=None) -> None:
     """Entry of one local rank (parallel.local_world.run_world): train, optionally save the records."""
     from .config import load_config
 
-    records = train(load_config(config_path, overrides))
+    records = train(load_config(config_path, overrides), hooks)
     if records_path is not None:
         torch.save(records, f"{records_path}.rank{dist.get_rank()}.pt")

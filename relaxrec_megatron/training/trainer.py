@@ -1,9 +1,9 @@
 """The uptraining loop: megatron-core pipeline schedules for forward/backward, DeepSpeed ZeRO for the
-optimizer state, distillation from the frozen source model, atomic resumable checkpoints.
+optimizer state, distillation from the frozen source model; training.checkpoints saves and resumes it.
 
 One step: this rank's micro-batches of the global batch, on the model's device -> schedule (the
 loss is the mean over the micro-batch tokens) -> gradient contracts of the recursive model
-(parallel.grads) -> one all-reduce over the world of the losses, a non-finite flag and a stop flag,
+(training.grads) -> one all-reduce over the world of the losses, a non-finite flag and a stop flag,
 so every rank skips, stops and reports alike, with one host sync -> DeepSpeed step (ZeRO reduces
 over DP and updates its shard; it is run with managed_gradient_accumulation=false, so step() is
 the accumulation boundary of the external backward).
@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import math
-import os
-import shutil
 import signal
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -98,12 +96,25 @@ class StopSignals:
         self.received = signal.Signals(signum).name
 
 
+@dataclass
+class Hooks:
+    """Where a caller may look into a run, or change it, on every rank (tests use them to poison
+    gradients, send signals and crash mid-save; a user to probe a run):
+    after_backward(trainer): this step's gradients are in place, the gradient contracts not yet run;
+    after_step(trainer, record): the step is done (record: what the console and wandb get);
+    after_model_saved(trainer, folder): a checkpoint's model is written, its other parts are not."""
+    after_backward: Callable | None = None
+    after_step: Callable | None = None
+    after_model_saved: Callable | None = None
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, student_dir: str | Path, teacher_dir: str | Path | None,
-                 signals: StopSignals | None = None):
+                 signals: StopSignals | None = None, hooks: Hooks | None = None):
         self.cfg = cfg
         self.student_dir, self.teacher_dir = Path(student_dir), teacher_dir and Path(teacher_dir)
         self.signals = signals or StopSignals()
+        self.hooks = hooks or Hooks()
         self.stop_requested = False  # agreed by every rank at the end of a step
         self.step = 0
         self.consumed = 0
@@ -113,63 +124,74 @@ class Trainer:
 
     # -- setup ----------------------------------------------------------------------------------
     def setup(self, train_dataset, valid_dataset=None) -> None:
-        import deepspeed
+        """Models (student, and the teacher for KD), optimizer, DeepSpeed engine, data."""
         from megatron.core import parallel_state as ps
 
+        from ..parallel.distributed import local_device
+
+        self.device = local_device()
+        self.build_models()
+        self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        self.micro = self.cfg.optim.global_batch_size // (self.cfg.optim.micro_batch_size * self.dp)
+        self.build_engine(self.build_optimizer())
+        self.train_dataset, self.valid_dataset = train_dataset, valid_dataset
+
+    def build_models(self) -> None:
+        """This rank's stage of the student (and of the frozen teacher) from their relaxed HF
+        checkpoints, the gradient contracts' groups, and the objective over both."""
         from ..hf.checkpoint import CheckpointReader
+        from ..model.build import build_model
         from ..model.settings import ParallelLayout, RelaxedSettings
         from ..model.state_adapter import load_canonical
-        from ..parallel.distributed import build_model
-        from ..parallel.grads import mark_unique_for_norms, shared_layer_groups
-        from ..parallel.distributed import local_device
+        from .flops import peak_flops, train_flops_per_token
+        from .grads import mark_unique_for_norms, shared_layer_groups
         from .objective import Objective
-
-        cfg, p = self.cfg, self.cfg.parallel
-        self.device = local_device()
-        dtype = DTYPES[cfg.model.dtype]
-        layout = ParallelLayout(tp=p.tp, pp=p.pp, sequence_parallel=p.sequence_parallel, recompute=p.recompute)
         from .precision import check_fp8_runtime, fp8_settings
 
+        cfg, p = self.cfg, self.cfg.parallel
+        dtype = DTYPES[cfg.model.dtype]
+        layout = ParallelLayout(tp=p.tp, pp=p.pp, sequence_parallel=p.sequence_parallel, recompute=p.recompute)
         if cfg.model.fp8:
             check_fp8_runtime(cfg.model.fp8_recipe)
         reader = CheckpointReader(self.student_dir)
         self.settings = RelaxedSettings(reader.config, layout)
-        student = build_model(self.settings, dtype, fp8=fp8_settings(cfg.model))
-        load_canonical(student, self.settings, reader.get)
-        self.student = student
+        self.student = build_model(self.settings, dtype, fp8=fp8_settings(cfg.model))
+        load_canonical(self.student, self.settings, reader.get)
         self.groups = shared_layer_groups(self.settings)
-        mark_unique_for_norms(student, self.settings)
-        teacher = None
+        mark_unique_for_norms(self.student, self.settings)
+        teacher, teacher_cfg = None, None
         if cfg.kd.enabled:
             t_reader = CheckpointReader(self.teacher_dir)
-            t_settings = RelaxedSettings(t_reader.config, layout)
+            t_settings, teacher_cfg = RelaxedSettings(t_reader.config, layout), t_reader.config
             teacher = build_model(t_settings, dtype)  # the reference stays in model.dtype, also under FP8
             load_canonical(teacher, t_settings, t_reader.get)
-        self.model = Objective(student, teacher, cfg.kd, cfg.exit)
-        self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-        self.micro = cfg.optim.global_batch_size // (cfg.optim.micro_batch_size * self.dp)
-        o = cfg.optim
+        self.model = Objective(self.student, teacher, cfg.kd, cfg.exit)
+        self.flops_per_token = train_flops_per_token(reader.config, teacher_cfg, cfg.data.seq_length)
+        self.peak = peak_flops()
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        """AdamW over the student's trainable parameters, no weight decay on norms and biases."""
+        o = self.cfg.optim
         decay, no_decay = [], []
-        for name, prm in student.named_parameters():
+        for name, prm in self.student.named_parameters():
             (no_decay if prm.dim() < 2 or "norm" in name else decay).append(prm)
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}],
-                                      lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+        return torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
+                                  {"params": no_decay, "weight_decay": 0.0}],
+                                 lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+
+    def build_engine(self, optimizer: torch.optim.Optimizer) -> None:
+        """DeepSpeed ZeRO around the student and the optimizer, data parallel over megatron's DP group."""
+        import deepspeed
+
         chatter = io.StringIO()  # BF16_Optimizer prints memory reports while it builds; shown only on failure
         try:
             with contextlib.redirect_stdout(chatter):
                 self.engine, self.optimizer, _, _ = deepspeed.initialize(
-                    model=student, optimizer=optimizer, config=deepspeed_config(cfg, self.micro, self.dp),
+                    model=self.student, optimizer=optimizer, config=deepspeed_config(self.cfg, self.micro, self.dp),
                     mpu=MegatronMpu(), dist_init_required=False)
         except Exception:
             print(chatter.getvalue(), end="", flush=True)
             raise
-        self.train_dataset, self.valid_dataset = train_dataset, valid_dataset
-        from .flops import peak_flops, train_flops_per_token
-
-        teacher_cfg = CheckpointReader(self.teacher_dir).config if cfg.kd.enabled else None
-        self.flops_per_token = train_flops_per_token(reader.config, teacher_cfg, cfg.data.seq_length)
-        self.peak = peak_flops()
 
     # -- one step -------------------------------------------------------------------------------
     def loss_step(self, batches: list[dict], forward_only: bool = False) -> torch.Tensor:
@@ -198,7 +220,7 @@ class Trainer:
     def _nonfinite(self) -> torch.Tensor:
         """1.0 where any of this rank's gradients is not finite (ZeRO-2 keeps them in DeepSpeed's
         partitions, bf16 ZeRO-1 in its fp32 buffers, others in .grad), on the device: no host sync."""
-        from ..parallel.grads import accumulated_grad
+        from .grads import accumulated_grad
 
         if self.cfg.parallel.zero_stage >= 2:
             groups = (getattr(self.optimizer, "averaged_gradients", None) or {}).values()
@@ -230,7 +252,7 @@ class Trainer:
         return {k: v for k, v in agreed.items() if k == "lm_loss" or k.startswith("loop")}
 
     def train_step(self) -> dict:
-        from ..parallel.grads import finalize_grads
+        from .grads import finalize_grads
         from .data import micro_batches
 
         cfg = self.cfg
@@ -242,6 +264,8 @@ class Trainer:
                                 cfg.optim.micro_batch_size, self.dp_rank, self.dp, self.device)
         t0 = time.perf_counter()
         share = self.loss_step(batches)
+        if self.hooks.after_backward is not None:
+            self.hooks.after_backward(self)
         finalize_grads(self.student, self.settings, self.groups)
         agreed = self._agree(share, self._nonfinite())
         finite, loss = agreed["finite"], agreed["loss"]
@@ -276,6 +300,8 @@ class Trainer:
             if self.peak is not None:
                 rec["mfu"] = tflops * 1e12 / self.peak
         self.history.append(rec)
+        if self.hooks.after_step is not None:
+            self.hooks.after_step(self, rec)
         return rec
 
     def optimizer_state_bytes(self) -> int:
@@ -284,76 +310,11 @@ class Trainer:
         return sum(t.numel() * t.element_size() for st in inner.state.values() for t in st.values()
                    if torch.is_tensor(t) and t.dim() > 0)
 
-    # -- checkpoints ----------------------------------------------------------------------------
-    def save(self, root: str | Path) -> Path:
-        """step_{N}/ (model dist checkpoint, DeepSpeed optimizer shards, trainer state); `latest` is written
-        after every rank finished, so a crash mid-save leaves the previous checkpoint the latest."""
-        from ..hf.checkpoint import copy_side_files
-        from ..model import checkpoint as mckpt
+    # -- what a checkpoint keeps besides the weights and the optimizer (training.checkpoints) ---------
+    def state(self) -> dict:
+        return {"step": self.step, "consumed": self.consumed, "skipped": self.skipped,
+                "nonfinite_in_a_row": self.nonfinite_in_a_row, "config": asdict(self.cfg)}
 
-        root = Path(root)
-        folder = root / f"step_{self.step:08d}"
-        if dist.get_rank() == 0:
-            shutil.rmtree(folder, ignore_errors=True)
-        dist.barrier()
-        mckpt.save(self.student, self.settings, folder / "model")
-        if dist.get_rank() == 0:  # the tokenizer travels with the checkpoint into its HF exports
-            copy_side_files(self.student_dir, folder / "model", same_weights=False)
-        self.engine.save_checkpoint(str(folder / "optimizer"), tag="state", save_latest=False,
-                                    exclude_frozen_parameters=True)
-        state = {"step": self.step, "consumed": self.consumed, "skipped": self.skipped,
-                 "nonfinite_in_a_row": self.nonfinite_in_a_row, "config": asdict(self.cfg)}
-        torch.save(rng_state(), folder / f"rng_rank{dist.get_rank()}.pt")
-        dist.barrier()
-        if dist.get_rank() == 0:
-            (folder / "trainer_state.json").write_text(json.dumps(state, indent=1, default=str))
-            tmp = root / "latest.tmp"
-            tmp.write_text(folder.name)
-            os.replace(tmp, root / "latest")
-            kept = sorted(p for p in root.glob("step_*") if p.is_dir())
-            for old in kept[: max(0, len(kept) - self.cfg.checkpoint.keep_last)]:
-                shutil.rmtree(old, ignore_errors=True)
-        dist.barrier()
-        return folder
-
-    def load(self, folder: str | Path) -> None:
-        from ..model import checkpoint as mckpt
-
-        folder = Path(folder)
-        mckpt.load(self.student, self.settings, folder / "model")
-        self.engine.load_checkpoint(str(folder / "optimizer"), tag="state", load_module_strict=False,
-                                    load_optimizer_states=True, load_lr_scheduler_states=False)
-        # DeepSpeed restores the module weights it saved; the dist checkpoint is the source of truth
-        mckpt.load(self.student, self.settings, folder / "model")
-        state = json.loads((folder / "trainer_state.json").read_text())
+    def restore(self, state: dict) -> None:
         self.step, self.consumed = state["step"], state["consumed"]
         self.skipped, self.nonfinite_in_a_row = state["skipped"], state["nonfinite_in_a_row"]
-        set_rng_state(torch.load(folder / f"rng_rank{dist.get_rank()}.pt", weights_only=True))
-
-
-def rng_state() -> dict:
-    """This rank's random state: CPU, its CUDA device, and megatron's model-parallel tracker (the
-    per-TP-rank streams of dropout and initialisation). Tensors only, so loading runs no pickled code."""
-    from megatron.core.tensor_parallel import get_cuda_rng_tracker
-
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-            "tracker": get_cuda_rng_tracker().get_states()}
-
-
-def set_rng_state(state: dict) -> None:
-    from megatron.core.tensor_parallel import get_cuda_rng_tracker
-
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    if state.get("tracker"):
-        get_cuda_rng_tracker().set_states(dict(state["tracker"]))
-
-
-def latest_checkpoint(root: str | Path) -> Path | None:
-    marker = Path(root) / "latest"
-    if not marker.is_file():
-        return None
-    folder = Path(root) / marker.read_text().strip()
-    return folder if (folder / "trainer_state.json").is_file() else None

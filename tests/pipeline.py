@@ -1,4 +1,6 @@
-"""One forward(-backward) over micro-batches through megatron-core's pipeline schedules."""
+"""The parity jobs' forward(-backward): megatron-core's pipeline schedule over the bare model, with the
+sum of the per-token cross entropies (the HF reference's loss) or the full-vocabulary logits; the
+trainer's step with its objective is training.step."""
 
 from __future__ import annotations
 

@@ -9,8 +9,6 @@
 
 from __future__ import annotations
 
-import re
-
 import torch
 import torch.distributed as dist
 
@@ -52,16 +50,16 @@ def accumulated_grad(p: torch.nn.Parameter) -> torch.Tensor | None:
 
 
 def finalize_grads(model, settings, groups: dict[int, object]) -> None:
+    from ..model.state_adapter import pieces
+
     tp_parallel = ps.get_tensor_model_parallel_world_size() > 1
+    shared = {piece.param: piece.shared_layer for piece in pieces(model, settings) if piece.shared_layer is not None}
     for name, p in model.named_parameters():
         g = accumulated_grad(p)
         if g is None:
             continue
-        m = re.match(r"decoder\.layers\.(\d+)\.", name)
-        is_lora = ".lora." in name or ".loop_bias." in name
-        k = model.decoder.shared_ids[int(m.group(1))] if m else None
-        if k in groups and not is_lora and not _per_loop_norm(name):
-            dist.all_reduce(g, group=groups[k])
+        if shared.get(name) in groups:
+            dist.all_reduce(g, group=groups[shared[name]])
         if tp_parallel and (getattr(p, "relaxrec_tp_sum_grad", False) or
                    (getattr(p, "sequence_parallel", False) and model.config.sequence_parallel)):
             dist.all_reduce(g, group=ps.get_tensor_model_parallel_group())
@@ -71,10 +69,6 @@ def finalize_grads(model, settings, groups: dict[int, object]) -> None:
         g = accumulated_grad(w)
         if g is not None:
             dist.all_reduce(g, group=ps.get_embedding_group())
-
-
-def _per_loop_norm(name: str) -> bool:
-    return bool(re.search(r"layernorm\.(weight|bias)\.\d+$", name))
 
 
 def mark_unique_for_norms(model, settings) -> None:
