@@ -297,8 +297,11 @@ logging: {{wandb_mode: disabled}}
     assert list(report["models"]) == [str(step)] and report["limit"] == 4
     acc = report["models"][str(step)]["results"][LASTWORD]["acc"]
     assert acc == np.mean([s["metrics"]["acc"] for s in samples(report, str(step), LASTWORD)])
-    line = [l for l in capfd.readouterr().out.splitlines() if l.startswith("[eval] relaxrec")]
+    console = capfd.readouterr()
+    line = [l for l in console.out.splitlines() if l.startswith("[eval] relaxrec")]
     assert len(line) == 1 and f"{LASTWORD}/acc {acc:.4f}" in line[0]
+    for noise in ("Apex are not installed", "No CUDA runtime", "Setting accelerator to CPU", "BlendedDataset"):
+        assert noise not in console.out + console.err, noise  # spawned workers stay quiet too
 
 
 # -- early exits ------------------------------------------------------------------------------------

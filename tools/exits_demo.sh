@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The early-exit stage on a 2-core CPU, end to end (about 25 minutes): SmolLM2-135M as a full-rank
+# The early-exit stage on a 2-core CPU, end to end (about 35 minutes): SmolLM2-135M as a full-rank
 # 2-loop model (equal to the source) -> exit training (configs/smollm2-135m-exits-cpu.yaml, 20K
 # tokens of pydoc topics) -> `relaxrec eval exits` before and after (per-loop perplexity, calibrated
 # thresholds, plots) -> `relaxrec bench serve` on the trained model at its calibrated threshold.
@@ -27,5 +27,5 @@ HELD_OUT=(--data "$OUT/data/pydoc_heldout.jsonl" --max-tokens 4096)
 relaxrec eval exits "$OUT/run/init/student" "${HELD_OUT[@]}" --output "$OUT/exits-before.json" \
     --plot "$OUT/exits-before.png"
 relaxrec eval exits "$OUT/trained" "${HELD_OUT[@]}" --output "$OUT/exits-after.json" --plot "$OUT/exits-after.png"
-relaxrec bench serve --model "$OUT/trained" --threshold auto --simulate --exit-prob -1 --repeat 1 \
+relaxrec bench serve --model "$OUT/trained" --threshold auto --simulate --exit-prob -1 --repeat 3 \
     --json "$OUT/serve.json" --plot "$OUT/serve.png"

@@ -58,40 +58,69 @@ def pieces(model, settings: RelaxedSettings) -> list[Piece]:
     return out
 
 
+@dataclass(frozen=True)
+class LayerParam:
+    """One kind of Megatron layer parameter: its name below decoder.layers.{i}., the canonical tensor
+    it holds (an hf.layout path of the shared layer k or the unrolled layer l) and its TP split."""
+    megatron: str  # {norm} {kind} {linear} {loop} {mod}: see _FIELDS
+    path: str  # shared | slot | lora_A | lora_B (hf.layout.shared_path, slot_path, lora_paths)
+    of: str  # the path's argument; {cnorm}: the canonical norm, {mod}: each module the parameter holds
+    split: tuple[int | None, int | None]  # TP axis in a column-parallel linear, in a row-parallel one
+
+
+# Every parameter of a Megatron layer, the one table that loading, saving, export, the gradient
+# contracts and the gradient-norm flags read. A fused linear holds several canonical modules
+# (linear_qkv: q, k, v as one `qkv` tensor; linear_fc1: gate and up, separate); LoRA stays per module.
+LAYER_PARAMS = (
+    LayerParam("{norm}.{kind}.shared", "shared", "{cnorm}.{kind}", (None, None)),
+    LayerParam("{norm}.{kind}.{loop}", "slot", "{cnorm}.{kind}", (None, None)),
+    LayerParam("{linear}.weight", "shared", "{mod}.weight", (0, 1)),
+    LayerParam("{linear}.bias", "shared", "{mod}.bias", (0, None)),
+    LayerParam("{linear}.loop_bias.{loop}", "slot", "{mod}.bias", (0, None)),
+    LayerParam("{linear}.lora.lora_A.{mod}_{loop}", "lora_A", "{mod}", (None, 1)),
+    # (q/k/v's LoRA B is replicated where TP does not split the key/value heads: see _layer_pieces)
+    LayerParam("{linear}.lora.lora_B.{mod}_{loop}", "lora_B", "{mod}", (0, None)),
+)
+_FIELDS = {"norm": "|".join(_NORMS), "kind": "weight|bias", "linear": r"[a-z_]+\.linear_[a-z0-9]+",
+           "loop": r"\d+", "mod": "[a-z]+"}
+_PATTERNS = [(re.compile(re.sub(r"\\\{(\w+)\\\}", lambda m: f"(?P<{m.group(1)}>{_FIELDS[m.group(1)]})",
+                                re.escape(row.megatron))), row) for row in LAYER_PARAMS]
+
+
 def _layer_pieces(name: str, k: int, rest: str, s: RelaxedSettings, pp_rank: int) -> list[Piece]:
     main = min(s.stages_holding(k)) == pp_rank
-    unrolled = lambda loop: s.plan.unrolled_index(k, int(loop))
-    for megatron_norm, canon_norm in _NORMS.items():
-        m = re.fullmatch(rf"{megatron_norm}\.(weight|bias)\.(\w+)", rest)
-        if m:
-            kind, which = m.groups()
-            canon = f"{canon_norm}.{kind}"
-            if which == "shared":
-                return [Piece(name, shared_path(k, canon), None, main_stage=main, shared_layer=k)]
-            return [Piece(name, slot_path(unrolled(which), canon), None)]
-    for prefix, modules in _linears(s).items():
-        if not rest.startswith(prefix + "."):
+    for pattern, row in _PATTERNS:
+        m = pattern.fullmatch(rest)
+        if m is None:
             continue
-        tail = rest[len(prefix) + 1:]
-        row = modules[0] in _ROW
-        part = (lambda mod: mod) if len(modules) > 1 else (lambda mod: "")
-        if modules == ("q", "k", "v"):
-            modules, part = ("qkv",), (lambda mod: "")
-        if tail in ("weight", "bias"):
-            axis = (1 if row else 0) if tail == "weight" else (None if row else 0)
-            return [Piece(name, shared_path(k, f"{mod}.{tail}"), axis, part(mod), main, k) for mod in modules]
-        m = re.fullmatch(r"loop_bias\.(\d+)", tail)
-        if m:
-            l = unrolled(m.group(1))
-            return [Piece(name, slot_path(l, f"{mod}.bias"), None if row else 0, part(mod)) for mod in modules]
-        m = re.fullmatch(r"lora\.lora_([AB])\.(\w+)_(\d+)", tail)
-        if m:
-            which, mod, loop = m.groups()
-            a_path, b_path = lora_paths(unrolled(loop), mod)
-            if which == "A":
-                return [Piece(name, a_path, 1 if row else None)]
-            replicated = row or (mod in ("q", "k", "v") and s.num_key_value_heads % s.layout.tp != 0)
-            return [Piece(name, b_path, None if replicated else 0)]
+        f = m.groupdict()
+        held = _linears(s).get(f.get("linear"), ()) if "linear" in f else ()
+        if "linear" in f and not held:
+            continue
+        l = s.plan.unrolled_index(k, int(f["loop"])) if "loop" in f else None
+        if "norm" in f:
+            mods, parts = [None], [""]
+        elif "mod" in f:
+            mods, parts = [f["mod"]], [""]
+        elif held == ("q", "k", "v"):
+            mods, parts = ["qkv"], [""]
+        else:
+            mods, parts = list(held), list(held) if len(held) > 1 else [""]
+        row_parallel = bool(held) and held[0] in _ROW
+        axis = row.split[1] if row_parallel else row.split[0]
+        out = []
+        for mod, part in zip(mods, parts):
+            of = row.of.format(cnorm=_NORMS.get(f.get("norm")), kind=f.get("kind"), mod=mod)
+            tp_axis = axis
+            if row.path == "lora_B" and mod in ("q", "k", "v") and s.num_key_value_heads % s.layout.tp != 0:
+                tp_axis = None
+            if row.path == "shared":
+                out.append(Piece(name, shared_path(k, of), tp_axis, part, main, k))
+            elif row.path == "slot":
+                out.append(Piece(name, slot_path(l, of), tp_axis, part))
+            else:
+                out.append(Piece(name, lora_paths(l, of)[row.path == "lora_B"], tp_axis, part))
+        return out
     raise KeyError(f"no canonical tensor for megatron parameter {name}")
 
 

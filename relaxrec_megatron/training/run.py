@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from ..console import quiet_third_party
 from ..errors import UserError
 from .config import TrainConfig
 
@@ -151,12 +152,11 @@ class Logger:
 def train(cfg: TrainConfig, hooks=None) -> list[dict]:
     """Runs (or resumes) the configured uptraining; a stop signal ends it with Preempted after a
     checkpoint. hooks: trainer.Hooks."""
-    from ..console import quiet_third_party
+    quiet_third_party()  # before megatron is imported; also in processes spawned without the CLI (demo's)
     from ..parallel.distributed import init_distributed
     from .checkpoints import CheckpointManager
     from .trainer import StopSignals, Trainer
 
-    quiet_third_party()  # also in processes spawned without the CLI (relaxrec demo's)
     signals = StopSignals()
     signals.install()  # before the slow setup: a preemption notice then still ends in an orderly stop
     init_distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.run.seed)
