@@ -133,7 +133,7 @@ def run(args) -> int:
     print("What this CPU run shows:")
     print(f"  uptraining works: the training loss fell from {trained_losses[0]:.2f} to {trained_losses[-1]:.2f} "
           f"in {len(trained_losses)} steps ({tokens:,} tokens)")
-    print("  the conversions are exact: max |logit difference| on the held-out text: "
+    print("  the conversions keep the function, to fp32 rounding: max |logit difference| on the held-out text: "
           + "; ".join(f"{k} {v:.1e}" for k, v in exact.items()))
     print("  what it does not show: the source's quality. Recovering it takes uptraining on billions of tokens "
           "(the paper: 15-60B) on GPUs, e.g. `sbatch slurm/uptrain_gemma.sh` (configs/gemma-2b-relaxed.yaml); "
