@@ -232,32 +232,87 @@ def fp8_context_job(relaxed_dir: str, tokens: torch.Tensor, out_path: str) -> No
     torch.save({"asked": asked, "layers": settings.plan.num_layers}, out_path)
 
 
+def te_parity_job(cases: list[tuple[str, str]], tokens: torch.Tensor, layout: dict, out_dir: str) -> None:
+    """Each case built twice in one world, with megatron's local linears and with the Transformer
+    Engine ones (tests/te_standin.py in place of TE): logits and canonical gradients of both."""
+    import te_standin
+
+    from relaxrec_megatron.model import decoder
+    from relaxrec_megatron.model.build import build_model
+    from relaxrec_megatron.model.state_adapter import load_canonical
+    from relaxrec_megatron.training.grads import finalize_grads, shared_layer_groups
+    from pipeline import batch_from_tokens, forward_backward
+
+    decoder.get_fp8_context = te_standin.install()
+    for name, relaxed_dir in cases:
+        reader, settings, _ = _setup(Path(relaxed_dir), **layout)
+        for kind in ("local", "te"):
+            model = build_model(settings, use_te=kind == "te")
+            load_canonical(model, settings, reader.get)
+            logits = _logits(model, tokens)
+            model.train()
+            forward_backward(model, [batch_from_tokens(tokens)])
+            finalize_grads(model, settings, shared_layer_groups(settings))
+            _save_if_writer(logits, Path(out_dir) / f"{name}.{kind}.logits.pt")
+            torch.save(_canonical_grads(model, settings), Path(out_dir) / f"{name}.{kind}.grads.rank{dist.get_rank()}.pt")
+
+
+def te_fp8_job(relaxed_dir: str, tokens: torch.Tensor, layout: dict, out_path: str) -> None:
+    """Three optimizer-like steps of an FP8 model with the first and last unrolled layers in bf16
+    (the stand-in TE linears record, per call, whether FP8 was on and whether they recast their FP8
+    weight copy), each step of two micro-batches after `set_is_first_microbatch`, as the trainer does;
+    the weights jump between steps. Saves each shared linear's calls per step, and each step's logits
+    next to those of a model built afresh with that step's weights (no FP8 cache to go stale)."""
+    import te_standin
+
+    from relaxrec_megatron.model import decoder
+    from relaxrec_megatron.model.build import build_model
+    from relaxrec_megatron.model.state_adapter import load_canonical
+    from relaxrec_megatron.training.precision import fp8_settings
+    from relaxrec_megatron.training.config import ModelConfig
+    from pipeline import batch_from_tokens, forward_backward
+
+    decoder.get_fp8_context = te_standin.install()
+    reader, settings, _ = _setup(Path(relaxed_dir), **layout)
+    fp8 = fp8_settings(ModelConfig(fp8=True, fp8_recipe="tensorwise", fp8_first_last_bf16=True))
+    model = build_model(settings, use_te=True, fp8=fp8)
+    load_canonical(model, settings, reader.get)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, te_standin.TELinear)}
+    batches = [batch_from_tokens(tokens[i:i + 1]) for i in range(tokens.shape[0])]
+    g = torch.Generator().manual_seed(3)
+    out = {"calls": [], "logits": [], "fresh": []}
+    for _ in range(3):
+        for m in linears.values():
+            m.calls.clear()
+        model.train()
+        model.set_is_first_microbatch()
+        forward_backward(model, batches)
+        out["calls"].append({n: list(m.calls) for n, m in linears.items()})
+        model.set_is_first_microbatch()
+        out["logits"].append(_logits(model, tokens))
+        fresh = build_model(settings, use_te=True, fp8=fp8)
+        fresh.load_state_dict(model.state_dict())
+        out["fresh"].append(_logits(fresh, tokens))
+        with torch.no_grad():  # an update large enough that a stale FP8 copy shows in the logits
+            for m in linears.values():
+                m.weight.add_(torch.randn(m.weight.shape, generator=g) * 0.5)
+    torch.save(out.pop("calls"), f"{out_path}.calls.rank{dist.get_rank()}")
+    _save_if_writer(out, Path(out_path))
+
+
 def te_row_lora_job(out_path: str) -> None:
-    """The TE row-parallel LoRA linear under TP=2 with sequence parallelism, its TE base replaced by
-    megatron's local RowParallelLinear (same contract: reduce-scattered output, te_return_bias), next
-    to the local LoRA linear with the same weights. Saves both linears' LoRA gradients after the TP
-    sums of training.grads, gathered to full tensors."""
-    import sys
-    import types
+    """The TE row-parallel LoRA linear under TP=2 with sequence parallelism (tests/te_standin.py in
+    place of TE), next to the local LoRA linear with the same weights. Saves both linears' LoRA
+    gradients after the TP sums of training.grads, gathered to full tensors."""
+    import te_standin
 
     from megatron.core import parallel_state as ps
     from megatron.core.model_parallel_config import ModelParallelConfig
-    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
     from relaxrec_megatron.parallel.distributed import init_distributed
 
     init_distributed(2, 1)
-
-    class TERowParallelLinear(RowParallelLinear):
-        def __init__(self, input_size, output_size, *, config, init_method, bias, skip_bias_add=False,
-                     input_is_parallel=True, **_):
-            super().__init__(input_size, output_size, config=config, init_method=init_method, bias=bias,
-                             input_is_parallel=True, skip_bias_add=skip_bias_add)
-            self.te_return_bias = skip_bias_add and bias
-
-    fake = types.ModuleType("megatron.core.extensions.transformer_engine")
-    fake.TERowParallelLinear, fake.TEColumnParallelLinear = TERowParallelLinear, ColumnParallelLinear
-    sys.modules["megatron.core.extensions.transformer_engine"] = fake
+    te_standin.install()
     from relaxrec_megatron.model.lora_linear import LoraRowParallelLinear, te_linear_classes
 
     _, te_row = te_linear_classes()
@@ -265,7 +320,7 @@ def te_row_lora_job(out_path: str) -> None:
                                  use_cpu_initialization=True)
     tp, rank = 2, ps.get_tensor_model_parallel_rank()
     kw = dict(config=config, init_method=torch.nn.init.zeros_, lora_modules=("down",), lora_ranks={"down": 3},
-              loops=(0,), bias=False, input_is_parallel=True, skip_bias_add=False)
+              loops=(0,), bias=False, input_is_parallel=True, skip_bias_add=False, is_expert=False)
     g = torch.Generator().manual_seed(0)
     weight, A, B = torch.randn(6, 8, generator=g), torch.randn(3, 8, generator=g), torch.randn(6, 3, generator=g)
     x = torch.randn(4, 1, 8, generator=g)  # (sequence, batch, hidden): full sequence, hidden split over TP

@@ -50,8 +50,11 @@ def test_the_bytes_simulation_replays_the_engines_steps_and_head_calls(served, p
     confident = policy.kind == "maxprob"
     sim = simulate(reqs, took, w.num_loops, 4, True, weight_bytes(w), decides=confident)
     assert (sim["steps"], sim["head_steps"]) == (stats.steps, stats.head_calls)
-    if confident:  # charged as oracle exits, the decisions' head calls go missing
-        assert simulate(reqs, took, w.num_loops, 4, True, weight_bytes(w))["head_steps"] < stats.head_calls
+    if confident:  # rows that decide and never exit: charged as oracle exits, the decisions' head calls go missing
+        stay = [[w.num_loops - 1] * len(t) for t in took]
+        charged = {d: simulate(reqs, stay, w.num_loops, 4, True, weight_bytes(w), decides=d) for d in (False, True)}
+        assert charged[False]["steps"] == charged[True]["steps"]
+        assert charged[False]["head_steps"] < charged[True]["head_steps"]
     seq = Engine(w, mode="seq", max_batch=4, max_len=64).run(requests(prompts, None))
     assert simulate(reqs, took, w.num_loops, 4, False, weight_bytes(w))["steps"] == seq.steps == seq.head_calls
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from megatron.core import tensor_parallel
-from megatron.core.fp8_utils import get_fp8_context
+from megatron.core.fp8_utils import get_fp8_context, is_first_last_bf16_layer
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
 
@@ -34,6 +34,7 @@ class RecursiveDecoder(MegatronModule):
         self.layers = nn.ModuleList()
         self.shared_ids: list[int] = []
         self._loop_aware: dict[int, list[LoopAware]] = {}
+        self._fp8_cached: dict[int, list[nn.Module]] = {}  # TE linears: is_first_microbatch recasts FP8 weights
         for k, loops in sorted(settings.stage_shared(pp_rank).items()):
             spec = relaxed_layer_spec(settings, tuple(sorted(loops)), use_te=use_te)
             # layer_number only names the layer inside megatron (and keys its inference KV cache)
@@ -41,6 +42,7 @@ class RecursiveDecoder(MegatronModule):
             self.layers.append(layer)
             self.shared_ids.append(k)
             self._loop_aware[k] = [m for m in layer.modules() if isinstance(m, LoopAware)]
+            self._fp8_cached[k] = [m for m in layer.modules() if hasattr(m, "is_first_microbatch")]
         self.final_norm = LoopedNorm(config, config.hidden_size, config.layernorm_epsilon,
                                      kind=settings.norm_type, zero_centered=bool(settings.norm_zero_centered),
                                      loops=(), shared=True) if post_process else None
@@ -53,10 +55,18 @@ class RecursiveDecoder(MegatronModule):
         k, loop = self.settings.plan.shared_index(l), self.settings.plan.loop_index(l)
         for m in self._loop_aware[k]:  # set inside the (re)computed function: recompute sees the same loop
             m.active_loop = loop
+        flags = [m.is_first_microbatch for m in self._fp8_cached[k]]
         # per unrolled layer (so the first and last can stay bf16), and inside recompute as well
         with get_fp8_context(self.config, l):
-            return self.layers[self.shared_ids.index(k)](hidden, attention_mask=attention_mask,
-                                                         rotary_pos_emb=rotary_pos_emb)[0]
+            out = self.layers[self.shared_ids.index(k)](hidden, attention_mask=attention_mask,
+                                                        rotary_pos_emb=rotary_pos_emb)[0]
+        if self.config.fp8 and is_first_last_bf16_layer(self.config, l):
+            # a bf16 call of a shared layer casts nothing but clears TE's once-per-step recast flag
+            # (set_is_first_microbatch); keep it for the layer's first FP8 loop, or that loop and
+            # every later one would run on the FP8 copy of the weights from the run's first step
+            for m, first in zip(self._fp8_cached[k], flags):
+                m.is_first_microbatch = first
+        return out
 
     def forward(self, hidden_states, attention_mask, rotary_pos_emb, loop_ends: list | None = None):
         """loop_ends: one slot per earlier loop (all but the last); the slot of each loop that ends on

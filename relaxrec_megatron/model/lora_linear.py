@@ -31,11 +31,15 @@ from megatron.core.tensor_parallel.mappings import (
 )
 
 
-class AddLoraInPlace(torch.autograd.Function):
+class AddLora(torch.autograd.Function):
     """out[..., columns of module i] += z_i @ B_i^T for every module, in place on the base linear's
     output, and the same in backward: no output-sized LoRA temporaries, concatenations or
     interleaving copies (on CPU they cost 5-10% of a fwd+bwd step at r=64), and no CopySlices
     clones of the gradient that autograd would make for in-place adds into slices.
+
+    in_place=False adds into one copy of `out` instead: Transformer Engine's Linear returns its output
+    as a view made inside its autograd Function (`out.view(...)` at the end of `_Linear.forward`), and
+    autograd forbids modifying such a view in place.
 
     out (..., n) is viewed as (T, groups, per_group) and module i owns columns [start_i, start_i +
     width_i) of every group (megatron's per-query-group [q; k; v] layout, or one group for [gate; up]
@@ -44,7 +48,10 @@ class AddLoraInPlace(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, out, z, groups: int, columns: tuple[tuple[int, int], ...], ranks: tuple[int, ...], *Bs):
+    def forward(ctx, out, z, groups: int, columns: tuple[tuple[int, int], ...], ranks: tuple[int, ...],
+                in_place: bool, *Bs):
+        if not in_place:
+            out = out.clone()
         n = out.shape[-1]
         out3 = out.view(-1, groups, n // groups)
         zs = z.reshape(-1, z.shape[-1]).split(ranks, dim=-1)
@@ -53,7 +60,8 @@ class AddLoraInPlace(torch.autograd.Function):
                 out3[:, 0, start:start + width].addmm_(zi, B.t())
             else:
                 out3[:, :, start:start + width].add_(torch.matmul(zi, B.t()).view(-1, groups, width))
-        ctx.mark_dirty(out)
+        if in_place:
+            ctx.mark_dirty(out)
         ctx.save_for_backward(z, *Bs)
         ctx.layout = (groups, columns, ranks)
         return out
@@ -69,7 +77,7 @@ class AddLoraInPlace(torch.autograd.Function):
             gi = g3[:, 0, start:start + width] if groups == 1 else g3[:, :, start:start + width].reshape(g3.shape[0], -1)
             grad_z.append(gi @ B)
             grad_Bs.append(gi.t() @ zi)
-        return (grad, torch.cat(grad_z, dim=-1).view_as(z), None, None, None, *grad_Bs)
+        return (grad, torch.cat(grad_z, dim=-1).view_as(z), None, None, None, None, *grad_Bs)
 
 
 class LoopAware:
@@ -176,17 +184,17 @@ class ColumnLora(LoopAware):
             return next(iter(outs.values()))
         return torch.cat([outs[m] for m in self.lora_modules], dim=-1)
 
-    def add_lora_(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """out + LoRA(x), computed in place on the base output (AddLoraInPlace)."""
+    def add_lora(self, out: torch.Tensor, x: torch.Tensor, in_place: bool) -> torch.Tensor:
+        """out + LoRA(x), added into the base output (in place, or into one copy: AddLora)."""
         if self.lora_replicated:  # this rank's columns are a slice of one query group's fused LoRA output
             return out + self.lora_delta(x)
         loop, lora = self.active_loop, self.lora
-        return AddLoraInPlace.apply(out, self.lora_activation(x), *self.lora_layout,
-                                    *(lora.lora_B[_key(m, loop)] for m in lora.modules_))
+        return AddLora.apply(out, self.lora_activation(x), *self.lora_layout, in_place,
+                             *(lora.lora_B[_key(m, loop)] for m in lora.modules_))
 
-    def _relax(self, out, bias, x):
+    def _relax(self, out, bias, x, in_place: bool = True):
         if self.lora:
-            out = self.add_lora_(out, x)
+            out = self.add_lora(out, x, in_place)
         if self.loop_bias is not None:
             loop_bias = self.loop_bias[str(self.active_loop)]
             if self.skip_bias_add:
@@ -245,7 +253,7 @@ class LoraRowParallelLinear(RowParallelLinear, RowLora):
         if self.lora:
             key = _key(self.module, self.active_loop)
             z = torch.matmul(input_, self.lora.lora_A[key].t())
-            out = AddLoraInPlace.apply(out, z, 1, ((0, out.shape[-1]),), (z.shape[-1],), self.lora.lora_B[key])
+            out = AddLora.apply(out, z, 1, ((0, out.shape[-1]),), (z.shape[-1],), True, self.lora.lora_B[key])
         if self.sequence_parallel:
             out = reduce_scatter_to_sequence_parallel_region(out, group=self.tp_group)
         else:
@@ -275,7 +283,7 @@ def te_linear_classes():
 
         def forward(self, x):
             out, bias = super().forward(x)
-            return self._relax(out, bias, x)
+            return self._relax(out, bias, x, in_place=False)  # TE's output is a view of its Function
 
     class TELoraRowParallelLinear(TERowParallelLinear, RowLora):
         def __init__(self, input_size, output_size, *, config, init_method, lora_modules, lora_ranks, loops,
