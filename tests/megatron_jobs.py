@@ -347,3 +347,25 @@ def te_row_lora_job(out_path: str) -> None:
     expected_B = probe.reshape(4, 6).t() @ (x.reshape(4, 8) @ A.t())
     if rank == 0:
         torch.save({**grads, "expected": {"A": expected_A, "B": expected_B}}, out_path)
+
+
+def sync_job(config_path: str, overrides: list[str], out_path: str) -> None:
+    """`relaxrec train` with each step's host synchronisations recorded (tests/syncs.py): saves, per
+    step, the code sites that asked for a device value."""
+    from syncs import recording_syncs
+
+    from relaxrec_megatron.training.run import train_entry
+    from relaxrec_megatron.training.trainer import Trainer
+
+    per_step = []
+    real = Trainer.train_step
+
+    def recorded(self):
+        with recording_syncs() as sites:
+            rec = real(self)
+        per_step.append(sites)
+        return rec
+
+    Trainer.train_step = recorded
+    train_entry(config_path, overrides)
+    torch.save(per_step, f"{out_path}.rank{dist.get_rank()}.pt")

@@ -184,3 +184,30 @@ def test_bf16_training_accumulates_in_fp32_and_tracks_fp32(setup, baseline, layo
     assert rel <= 5e-3, rel  # bf16 rounding of weights and activations; measured 4e-4 to 8e-4
     assert all(r["finite"] for r in got) and losses(got)[-3:].mean() < losses(got)[:3].mean()
 
+
+
+# where DeepSpeed's step itself reads a device value (deepspeed 0.19: runtime/utils.py and its
+# optimizers): whether the gradient norm is finite, and, in BF16_Optimizer, whether to clip; torch's
+# AdamW reads its step counters, which stay on the host on GPUs too
+DEEPSPEED_READS = {"deepspeed/runtime/utils.py is_invalid_grad_norm", "deepspeed/runtime/utils.py clip_tensors_by_global_norm",
+                   "deepspeed/runtime/bf16_optimizer.py step", "deepspeed/runtime/zero/stage_1_and_2.py _optimizer_step"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [["parallel.tp=2", "exit.enabled=true"], ["model.dtype=bf16"]],
+                         ids=["tp2-exits-fp32", "dp2-bf16"])
+def test_a_step_waits_for_the_device_once_besides_deepspeed(setup, overrides):
+    """Every host read of a device value during a training step (tests/syncs.py: .item, bool/float
+    of a tensor, boolean-mask indexing, tolist): the trainer's one agree all-reduce, then only
+    DeepSpeed's own; with KD and with early exits."""
+    from megatron_jobs import sync_job
+
+    out = setup / f"syncs-{overrides[0]}"
+    run_world(sync_job, 2, str(setup / "c.yaml"), [f"run.output_dir={out}-run", "optim.train_steps=3", *overrides],
+              str(out), timeout=600)
+    for rank in range(2):
+        for step, sites in enumerate(torch.load(f"{out}.rank{rank}.pt")):
+            ours = [s for s in sites if s.startswith("relaxrec_megatron/")]
+            assert len(ours) == 1 and ours[0].endswith("_agree tolist"), (rank, step, sites)
+            theirs = {s.split(":")[0] + " " + s.split(" ")[1] for s in sites if s not in ours}
+            assert theirs and theirs <= DEEPSPEED_READS, (rank, step, sites)

@@ -78,9 +78,11 @@ class RelaxedRecursiveGPTModel(LanguageModule):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                gather_logits: bool = False):
-        """input_ids (b, s) -> per-token loss (b, s) with labels, else logits (b, s, vocab[/TP]); with
-        loop_exits on the last stage, a list of every loop's logits (s, b, vocab / TP)."""
+                gather_logits: bool = False, sequence_first: bool = False):
+        """input_ids (b, s) -> per-token loss (b, s) with labels (megatron's cross entropy), else logits
+        (b, s, vocab[/TP]), or with sequence_first this rank's (s, b, vocab / TP) shard as the LM head
+        makes it (no copy); with loop_exits on the last stage, a list of every loop's logits (s, b,
+        vocab / TP)."""
         b, s = input_ids.shape
         hidden = None
         if self.pre_process:
@@ -100,6 +102,8 @@ class RelaxedRecursiveGPTModel(LanguageModule):
         if carried is not None:  # every loop's (s, b, vocab / TP) logits, the last loop's last
             return [self._output(self.decoder.final_norm(h)) for h in carried] + [self._output(hidden)]
         logits = self._output(hidden)
+        if sequence_first:
+            return logits
         if labels is not None:
             return self.compute_language_model_loss(labels, logits)
         if gather_logits:

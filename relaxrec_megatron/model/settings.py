@@ -91,7 +91,8 @@ def activation(name: str):
     raise UserError(f"activation {name!r} is not supported by the Megatron model")
 
 
-def transformer_config(s: RelaxedSettings, dtype: torch.dtype = torch.float32, fp8: dict | None = None):
+def transformer_config(s: RelaxedSettings, dtype: torch.dtype = torch.float32, fp8: dict | None = None,
+                       perform_initialization: bool = True):
     """megatron-core's TransformerConfig of the unrolled model; `fp8` adds its FP8 settings
     (fp8, fp8_recipe, first_last_layers_bf16, ...: training.precision.fp8_settings)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -119,6 +120,7 @@ def transformer_config(s: RelaxedSettings, dtype: torch.dtype = torch.float32, f
         fp16=dtype == torch.float16,
         pipeline_dtype=dtype,
         use_cpu_initialization=True,
+        perform_initialization=perform_initialization,
         gradient_accumulation_fusion=False,
         bias_activation_fusion=False,
         bias_dropout_fusion=False,

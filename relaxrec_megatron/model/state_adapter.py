@@ -207,8 +207,14 @@ def tp_slice(t: torch.Tensor, axis: int | None) -> torch.Tensor:
 
 
 def load_canonical(model, settings: RelaxedSettings, get) -> None:
-    """Fill the model from relaxed HF tensors; `get(name)` returns one (e.g. CheckpointReader.get)."""
+    """Fill every parameter of the model from relaxed HF tensors; `get(name)` returns one (e.g.
+    CheckpointReader.get)."""
     params = dict(model.named_parameters())
     canonical = canonical_getter(get, settings.num_key_value_heads)
+    filled = set()
     for piece in pieces(model, settings):
         set_local_shard(piece, params[piece.param], tp_slice(canonical(piece.canon), piece.tp_axis))
+        filled.add(piece.param)
+    missing = sorted(set(params) - filled)
+    if missing:  # a model built without initialisation would keep whatever memory held
+        raise RuntimeError(f"load_canonical: no checkpoint tensor for {', '.join(missing[:5])}")

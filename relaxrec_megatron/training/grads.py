@@ -49,26 +49,42 @@ def accumulated_grad(p: torch.nn.Parameter) -> torch.Tensor | None:
     return p.grad
 
 
-def finalize_grads(model, settings, groups: dict[int, object]) -> None:
+def grad_contracts(model, settings, groups: dict[int, object]) -> list[tuple[torch.nn.Parameter, list]]:
+    """The reductions above as a list built once: (parameter, the groups its accumulated gradient is
+    all-reduced over, in order), for the parameters that have any."""
     from ..model.state_adapter import pieces
 
     tp_parallel = ps.get_tensor_model_parallel_world_size() > 1
     shared = {piece.param: piece.shared_layer for piece in pieces(model, settings) if piece.shared_layer is not None}
+    contracts: dict[int, tuple[torch.nn.Parameter, list]] = {}
     for name, p in model.named_parameters():
-        g = accumulated_grad(p)
-        if g is None:
-            continue
+        over = []
         if shared.get(name) in groups:
-            dist.all_reduce(g, group=groups[shared[name]])
+            over.append(groups[shared[name]])
         if tp_parallel and (getattr(p, "relaxrec_tp_sum_grad", False) or
-                   (getattr(p, "sequence_parallel", False) and model.config.sequence_parallel)):
-            dist.all_reduce(g, group=ps.get_tensor_model_parallel_group())
+                            (getattr(p, "sequence_parallel", False) and model.config.sequence_parallel)):
+            over.append(ps.get_tensor_model_parallel_group())
+        if over:
+            contracts[id(p)] = (p, over)
     if settings.tie_word_embeddings and ps.get_pipeline_model_parallel_world_size() > 1 \
             and (model.pre_process or model.post_process):
         w = model.shared_embedding_or_output_weight()
-        g = accumulated_grad(w)
+        contracts.setdefault(id(w), (w, []))[1].append(ps.get_embedding_group())
+    return list(contracts.values())
+
+
+def apply_contracts(contracts: list[tuple[torch.nn.Parameter, list]]) -> None:
+    """One step's reductions, on whichever buffer holds each gradient now (accumulated_grad)."""
+    for p, over in contracts:
+        g = accumulated_grad(p)
         if g is not None:
-            dist.all_reduce(g, group=ps.get_embedding_group())
+            for group in over:
+                dist.all_reduce(g, group=group)
+
+
+def finalize_grads(model, settings, groups: dict[int, object]) -> None:
+    """grad_contracts and apply_contracts in one call."""
+    apply_contracts(grad_contracts(model, settings, groups))
 
 
 def mark_unique_for_norms(model, settings) -> None:

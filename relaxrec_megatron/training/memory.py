@@ -138,15 +138,14 @@ def activation_bytes(m: Model, lay: Layout, stage: int, micro_batch: int, seq: i
 
 
 def logits_bytes(s: LayerShapes, micro_batch: int, seq: int, dtype: str, tp: int, kd: bool,
-                 chunk_bytes: int = 128 << 20, earlier_exits: int = 0, exit_from_teacher: bool = False) -> int:
-    """Last stage, vocab-parallel logits of one micro-batch. KD (training.kd): the student's and the
-    teacher's logits and the gradient buffer in the model dtype, plus about four fp32 chunks of the
-    fused loss. Without KD, megatron's cross entropy keeps an fp32 softmax beside the logits and makes
-    an fp32 gradient of the same size. Each earlier loop's exit (training.objective) adds its logits
-    and gradient buffer, and a sequence-first copy of the teacher's logits when it distills from them."""
+                 chunk_bytes: int = 128 << 20, earlier_exits: int = 0) -> int:
+    """Last stage, vocab-parallel logits of one micro-batch at the end of the forward, where the loss
+    peaks. Every loss is training.kd's chunked one on the LM head's output as it is (no fp32 or
+    transposed copy): the student's logits and their gradient buffer in the model dtype, under KD
+    the teacher's logits too, plus the fp32 chunks of `chunk_bytes` the kernel works in (four with a
+    teacher, two without). Each earlier loop's exit (training.objective) adds its logits and gradient
+    buffer. tools/bench_kd.py measures it."""
     elements = micro_batch * seq * (s.vocab // tp)
     one = elements * DTYPE_BYTES[dtype]
-    exits = earlier_exits * (2 + exit_from_teacher) * one
-    if kd:
-        return 3 * one + 4 * min(chunk_bytes, 4 * elements) + exits
-    return one + 2 * 4 * elements + exits
+    chunks = (4 if kd or earlier_exits else 2) * min(chunk_bytes, 4 * elements)
+    return (3 if kd else 2) * one + chunks + earlier_exits * 2 * one

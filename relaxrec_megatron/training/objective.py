@@ -66,27 +66,28 @@ class Objective(nn.Module):
         self.teacher[0].set_input_tensor(teacher_part.detach())
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None, **kwargs):
+        """Per-token loss (b, s) on the last stage; what travels to the next stage elsewhere. Every
+        loss is training.kd's chunked vocab-parallel one, on the LM head's (s, b, vocab / TP) output as
+        it is: no fp32 or transposed copy of a full-vocabulary tensor."""
         t_out = None
         if self.teacher:
             with torch.no_grad():
-                t_out = self.teacher[0](tokens)
-        plain = t_out is None and self.weights is None  # the student's own CE: megatron's loss path
-        s_out = self.student(tokens, labels=labels if plain else None)
+                t_out = self.teacher[0](tokens, sequence_first=True)
+        s_out = self.student(tokens, sequence_first=True)
         if not self.post_process:
             return s_out if t_out is None else torch.cat([s_out, t_out], dim=0)
-        if plain:
-            return s_out
-        loops = s_out if self.weights is not None else None  # (s, b, vocab / TP) logits of every loop
-        group = ps.get_tensor_model_parallel_group()
-        # earlier exits first: megatron's cross entropy below shifts fp32 logits in place
-        exits = self._earlier_exits(loops, t_out, labels, group) if loops is not None else []
-        if t_out is not None:  # (b, s, vocab / TP) logits of both, in the model's dtype
-            final = s_out if loops is None else loops[-1].transpose(0, 1).contiguous()
-            loss, ce, kl = distillation_loss(final, t_out, labels, self.kd.alpha, self.kd.temperature, group)
+        loops = s_out if self.weights is not None else None  # every loop's logits
+        final = s_out if loops is None else loops[-1]
+        group, labels_sb = ps.get_tensor_model_parallel_group(), labels.t()
+        if t_out is not None:
+            loss, ce, kl = distillation_loss(final, t_out, labels_sb, self.kd.alpha, self.kd.temperature, group)
         else:
-            loss = ce = self.student.compute_language_model_loss(labels, loops[-1])
+            loss, ce, kl = distillation_loss(final, None, labels_sb, 1.0, 1.0, group)
             kl = None
-        self.last_parts = {"lm": ce, "kd": kl, "loops": [ce_b for _, ce_b in exits] + [ce]}
+        exits = self._earlier_exits(loops, t_out, labels_sb, group) if loops is not None else []
+        self.last_parts = {"lm": ce.t(), "kd": None if kl is None else kl.t(),
+                           "loops": [ce_b for _, ce_b in exits] + [ce.t()]}
+        loss = loss.t()
         if loops is None:
             return loss
         loss = self.weights[-1] * loss
@@ -94,13 +95,12 @@ class Objective(nn.Module):
             loss = loss + w * lb
         return loss
 
-    def _earlier_exits(self, loops, t_out, labels, group) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _earlier_exits(self, loops, t_out, labels_sb, group) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(loss, CE) per token (b, s) of each earlier loop's exit."""
         e = self.exit
-        target = {"final": loops[-1].detach(), "none": None,
-                  "teacher": t_out.transpose(0, 1) if t_out is not None else None}[e.distill]
+        target = {"final": loops[-1].detach(), "none": None, "teacher": t_out}[e.distill]
         out = []
         for logits in loops[:-1]:
-            lb, ceb, _ = distillation_loss(logits, target, labels.t(), e.alpha, e.temperature, group)
+            lb, ceb, _ = distillation_loss(logits, target, labels_sb, e.alpha, e.temperature, group)
             out.append((lb.t(), ceb.t()))
         return out

@@ -55,8 +55,7 @@ def stage_memory(cfg: TrainConfig, student: memory.Model, teacher: memory.Model 
     last = stage == lay.pp - 1
     exits = student.plan.num_loops - 1 if cfg.exit.enabled else 0
     out["logits"] = memory.logits_bytes(student.shapes, o.micro_batch_size, cfg.data.seq_length, dtype, lay.tp,
-                                        teacher is not None, earlier_exits=exits,
-                                        exit_from_teacher=cfg.exit.distill == "teacher") if last else 0
+                                        teacher is not None, earlier_exits=exits) if last else 0
     return out
 
 

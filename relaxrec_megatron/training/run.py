@@ -104,11 +104,16 @@ def build_data(cfg: TrainConfig, student_dir: Path):
 
 class Logger:
     """Console on rank 0, run_dir/metrics.jsonl (every step's record, appended across resumes: the last
-    line of a step wins), and wandb (offline without WANDB_API_KEY)."""
+    line of a step wins), and wandb (offline without WANDB_API_KEY).
+
+    Records are kept until `flush` (every logging.every steps, before a checkpoint and at the end):
+    their device tensors (DeepSpeed's gradient norm) are then read in one transfer, so the host waits
+    for the device once per logging interval, not once per step."""
 
     def __init__(self, cfg: TrainConfig, run_dir: Path, recursion: dict):
         self.cfg, self.wandb = cfg, None
         self.metrics = run_dir / "metrics.jsonl"
+        self.pending: list[dict] = []
         if dist.get_rank() != 0 or cfg.logging.wandb_mode == "disabled":
             return
         mode = cfg.logging.wandb_mode
@@ -125,13 +130,26 @@ class Logger:
             print(f"[train] wandb disabled: {type(e).__name__}: {e}", flush=True)
 
     def record(self, rec: dict) -> None:
-        if dist.get_rank() == 0:
-            with self.metrics.open("a") as f:
-                f.write(json.dumps(rec) + "\n")
+        self.pending.append(rec)
+
+    def flush(self, bar=None) -> None:
+        """Reads the pending records' tensors (in place: they are the records train() returns), writes
+        them, and prints those of logging steps."""
+        recs, self.pending = self.pending, []
+        slots = [(rec, k) for rec in recs for k, v in rec.items() if torch.is_tensor(v)]
+        if slots:
+            values = torch.stack([rec[k].detach().reshape(()).double().cpu() for rec, k in slots]).tolist()
+            for (rec, k), v in zip(slots, values):
+                rec[k] = v
+        if dist.get_rank() != 0 or not recs:
+            return
+        with self.metrics.open("a") as f:
+            f.writelines(json.dumps(rec) + "\n" for rec in recs)
+        for rec in recs:
+            if rec["step"] % self.cfg.logging.every == 0:
+                self.log(rec, bar if bar is not None and bar.disable is False and self.cfg.logging.every == 1 else None)
 
     def log(self, rec: dict, bar=None) -> None:
-        if dist.get_rank() != 0:
-            return
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in rec.items() if isinstance(v, (int, float))}, step=rec["step"])
         loops = [rec[k] for k in sorted(rec) if k.startswith("loop") and k.endswith("_loss")]
@@ -145,6 +163,7 @@ class Logger:
             print(line, flush=True)
 
     def close(self) -> None:
+        self.flush()
         if self.wandb is not None:
             self.wandb.finish()
 
@@ -183,25 +202,29 @@ def train(cfg: TrainConfig, hooks=None) -> list[dict]:
     bar = tqdm(total=cfg.optim.train_steps, initial=trainer.step, unit="step", desc="train",
                disable=dist.get_rank() != 0, dynamic_ncols=True)
     records = []
-    while trainer.step < cfg.optim.train_steps and not trainer.stop_requested:
-        rec = trainer.train_step()
-        records.append(rec)
-        logger.record(rec)
-        bar.update(1)
-        if rec["step"] % cfg.logging.every == 0:
-            logger.log(rec, bar if bar.disable is False and cfg.logging.every == 1 else None)
-        if cfg.eval.every and rec["step"] % cfg.eval.every == 0 and valid_ds is not None:
-            val = evaluate(trainer, valid_ds)
-            if logger.wandb is not None:
-                logger.wandb.log(val, step=rec["step"])
-            if dist.get_rank() == 0:
-                loops = [v for k, v in val.items() if k.startswith("valid_loop") and k.endswith("_ppl")]
-                by_loop = f" (by loop {' / '.join(f'{v:.2f}' for v in loops)})" if loops else ""
-                print(f"[eval] step {rec['step']} valid loss {val['valid_loss']:.4f} ppl {val['valid_ppl']:.2f}"
-                      f"{by_loop}", flush=True)
-        done = trainer.step >= cfg.optim.train_steps
-        if done or trainer.stop_requested or rec["step"] % cfg.checkpoint.save_every == 0:
-            checkpoints.save(trainer)
+    try:
+        while trainer.step < cfg.optim.train_steps and not trainer.stop_requested:
+            rec = trainer.train_step()
+            records.append(rec)
+            logger.record(rec)
+            bar.update(1)
+            done = trainer.step >= cfg.optim.train_steps
+            save = done or trainer.stop_requested or rec["step"] % cfg.checkpoint.save_every == 0
+            if save or rec["step"] % cfg.logging.every == 0:
+                logger.flush(bar)
+            if cfg.eval.every and rec["step"] % cfg.eval.every == 0 and valid_ds is not None:
+                val = evaluate(trainer, valid_ds)
+                if logger.wandb is not None:
+                    logger.wandb.log(val, step=rec["step"])
+                if dist.get_rank() == 0:
+                    loops = [v for k, v in val.items() if k.startswith("valid_loop") and k.endswith("_ppl")]
+                    by_loop = f" (by loop {' / '.join(f'{v:.2f}' for v in loops)})" if loops else ""
+                    print(f"[eval] step {rec['step']} valid loss {val['valid_loss']:.4f} ppl {val['valid_ppl']:.2f}"
+                          f"{by_loop}", flush=True)
+            if save:
+                checkpoints.save(trainer)
+    finally:  # a failing step keeps the records of the steps before it
+        logger.flush()
     bar.close()
     if trainer.stop_requested and trainer.step < cfg.optim.train_steps:  # a stop at the last step is the end
         logger.close()

@@ -3,10 +3,16 @@ optimizer state, distillation from the frozen source model; training.checkpoints
 
 One step: this rank's micro-batches of the global batch, on the model's device -> schedule (the
 loss is the mean over the micro-batch tokens) -> gradient contracts of the recursive model
-(training.grads) -> one all-reduce over the world of the losses, a non-finite flag and a stop flag,
-so every rank skips, stops and reports alike, with one host sync -> DeepSpeed step (ZeRO reduces
-over DP and updates its shard; it is run with managed_gradient_accumulation=false, so step() is
-the accumulation boundary of the external backward).
+(training.grads, a list built at setup) -> one all-reduce over the world of the losses, a
+non-finite flag and a stop flag, so every rank skips, stops and reports alike, with one host sync ->
+DeepSpeed step (ZeRO reduces over DP and updates its shard; it is run with
+managed_gradient_accumulation=false, so step() is the accumulation boundary of the external backward).
+
+Host syncs of a step: that one, and DeepSpeed's own: it checks that the gradient norm is finite
+(runtime.utils.is_invalid_grad_norm) and, in BF16_Optimizer, compares the clip coefficient with 1
+(clip_tensors_by_global_norm). The gradient norm is handed to the logger as a device tensor, which
+reads a logging interval's records at once (training.run.Logger); the KD and cross-entropy losses
+index without boolean masks (training.kd). tests/test_training.py counts them.
 """
 
 from __future__ import annotations
@@ -144,7 +150,7 @@ class Trainer:
         from ..model.settings import ParallelLayout, RelaxedSettings
         from ..model.state_adapter import load_canonical
         from .flops import peak_flops, train_flops_per_token
-        from .grads import mark_unique_for_norms, shared_layer_groups
+        from .grads import grad_contracts, mark_unique_for_norms, shared_layer_groups
         from .objective import Objective
         from .precision import check_fp8_runtime, fp8_settings
 
@@ -155,15 +161,15 @@ class Trainer:
             check_fp8_runtime(cfg.model.fp8_recipe)
         reader = CheckpointReader(self.student_dir)
         self.settings = RelaxedSettings(reader.config, layout)
-        self.student = build_model(self.settings, dtype, fp8=fp8_settings(cfg.model))
+        self.student = build_model(self.settings, dtype, fp8=fp8_settings(cfg.model), init_weights=False)
         load_canonical(self.student, self.settings, reader.get)
-        self.groups = shared_layer_groups(self.settings)
+        self.contracts = grad_contracts(self.student, self.settings, shared_layer_groups(self.settings))
         mark_unique_for_norms(self.student, self.settings)
         teacher, teacher_cfg = None, None
         if cfg.kd.enabled:
             t_reader = CheckpointReader(self.teacher_dir)
             t_settings, teacher_cfg = RelaxedSettings(t_reader.config, layout), t_reader.config
-            teacher = build_model(t_settings, dtype)  # the reference stays in model.dtype, also under FP8
+            teacher = build_model(t_settings, dtype, init_weights=False)  # in model.dtype, also under FP8
             load_canonical(teacher, t_settings, t_reader.get)
         self.model = Objective(self.student, teacher, cfg.kd, cfg.exit)
         self.flops_per_token = train_flops_per_token(reader.config, teacher_cfg, cfg.data.seq_length)
@@ -241,7 +247,8 @@ class Trainer:
                                           device=self.device)])
         values = torch.cat([share, flags])
         dist.all_reduce(values)
-        (loss, lm, kd, *loops), (bad, stop) = values[:-2].tolist(), values[-2:].tolist()
+        *parts, bad, stop = values.tolist()
+        loss, lm, kd, *loops = parts
         return {"loss": loss / self.dp, "lm_loss": lm / self.dp, "kd_loss": kd / self.dp,
                 **{f"loop{b + 1}_loss": v / self.dp for b, v in enumerate(loops)},
                 "finite": bad == 0 and math.isfinite(loss), "stop": stop > 0}
@@ -252,8 +259,8 @@ class Trainer:
         return {k: v for k, v in agreed.items() if k == "lm_loss" or k.startswith("loop")}
 
     def train_step(self) -> dict:
-        from .grads import finalize_grads
         from .data import micro_batches
+        from .grads import apply_contracts
 
         cfg = self.cfg
         lr = lr_at(self.step, cfg.optim)
@@ -266,7 +273,7 @@ class Trainer:
         share = self.loss_step(batches)
         if self.hooks.after_backward is not None:
             self.hooks.after_backward(self)
-        finalize_grads(self.student, self.settings, self.groups)
+        apply_contracts(self.contracts)
         agreed = self._agree(share, self._nonfinite())
         finite, loss = agreed["finite"], agreed["loss"]
         parts = {k: v for k, v in agreed.items() if k.endswith("_loss") and k != "loss"}
@@ -275,7 +282,10 @@ class Trainer:
         grad_norm = float("nan")
         if finite:
             self.engine.step()
-            grad_norm = float(self.engine.get_global_grad_norm() or 0.0)  # DeepSpeed's, before clipping
+            # DeepSpeed's, before clipping: a device tensor (a float under fp32 ZeRO-0/1), read by the
+            # logger when it writes the record, not here, so the host does not wait for the update
+            grad_norm = self.engine.get_global_grad_norm()
+            grad_norm = 0.0 if grad_norm is None else grad_norm
             self.nonfinite_in_a_row = 0
         else:  # skip the update, keep the data position moving
             self.engine.zero_grad() if hasattr(self.engine, "zero_grad") else self.student.zero_grad()
@@ -293,7 +303,7 @@ class Trainer:
         tokens = cfg.optim.global_batch_size * cfg.data.seq_length
         rec = {"step": self.step, "loss": loss, **parts, "lr": lr, "grad_norm": grad_norm, "skipped": self.skipped,
                "tokens_per_s": tokens / seconds, "seconds": seconds, "finite": finite,
-               "optimizer_state_bytes": self.optimizer_state_bytes()}
+               "optimizer_state_bytes": self._state_bytes()}
         if torch.cuda.is_available():
             tflops = self.flops_per_token * tokens / seconds / dist.get_world_size() / 1e12
             rec.update(tflops_per_gpu=tflops, memory_gb=torch.cuda.max_memory_allocated() / 1e9)
@@ -303,6 +313,12 @@ class Trainer:
         if self.hooks.after_step is not None:
             self.hooks.after_step(self, rec)
         return rec
+
+    def _state_bytes(self) -> int:
+        """optimizer_state_bytes, walked once: Adam's state exists from the first update on and keeps its size."""
+        if not getattr(self, "_state_bytes_seen", 0):
+            self._state_bytes_seen = self.optimizer_state_bytes()
+        return self._state_bytes_seen
 
     def optimizer_state_bytes(self) -> int:
         """Bytes of optimizer state held by this rank (Adam moments; ZeRO shards them over DP)."""

@@ -1,0 +1,30 @@
+"""A worker process tied to its launcher: it ends when the launcher does.
+
+torchrun's agent watches its workers; if the agent itself dies (kill -9, its node's shell gone), the
+kernel re-parents them and they would train on unwatched. `die_with_parent` asks the kernel to kill
+this process when its parent exits (prctl PR_SET_PDEATHSIG, Linux) and exits at once if the parent
+is already gone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(expected_parent: int | None = None) -> bool:
+    """True when the kernel will kill this process with its parent (Linux); exits if it is gone."""
+    parent = os.getppid() if expected_parent is None else expected_parent
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        return False
+    if os.getppid() != parent:  # the parent died before the request: no signal will come
+        print("[train] the launcher of this process is gone; stopping", file=sys.stderr, flush=True)
+        os._exit(1)
+    return True
