@@ -6,6 +6,16 @@
 # Environment (defaults for one node): NNODES=1, NPROC_PER_NODE=<GPUs, or 2 on CPU>, NODE_RANK=0,
 # MASTER_ADDR=127.0.0.1, MASTER_PORT=29500, RDZV_ID=relaxrec. DRY_RUN=1 prints the command instead.
 #
+# Failures: MAX_RESTARTS (default 0; slurm/uptrain_gemma.sh sets 3) is how often torchrun restarts
+# every worker when one dies or stalls (training.watchdog); the restarted run resumes from its latest
+# checkpoint (checkpoint.resume=auto), losing the steps since. Each restart is a new rendezvous round
+# with a TCP store of its own (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1): on the agent's shared store the
+# restarted workers would find the keys of the first round and fail to connect.
+#
+# The Python environment: `python` on PATH if it has relaxrec_megatron, else the checkout's .venv
+# (tools/env.sh builds it); otherwise the launcher stops with a line that says how to provide one
+# (launch/python_env.sh).
+#
 # Stopping: SIGTERM or SIGUSR1 (slurm's preemption notice) to this process is forwarded to every
 # worker; they finish the step, save a checkpoint together and exit. STOP_TIMEOUT (default 240 s) is
 # how long torchrun waits for that before it kills them: a Gemma-2B checkpoint (about 4 GB of
@@ -22,6 +32,9 @@ if [ ! -f "$CONFIG" ]; then
     echo "launch/torchrun.sh: no such config: $CONFIG" >&2
     exit 2
 fi
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$ROOT/launch/python_env.sh"
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
 if [ -z "${NPROC_PER_NODE:-}" ]; then
     NPROC_PER_NODE=$(python -c 'import torch; print(torch.cuda.device_count() or 2)' 2>/dev/null || echo 2)
 fi
@@ -32,10 +45,12 @@ cmd=(python -m relaxrec_megatron.parallel.torchrun
     --rdzv-backend=c10d
     --rdzv-endpoint="${MASTER_ADDR:-127.0.0.1}:${MASTER_PORT:-29500}"
     --rdzv-id="${RDZV_ID:-relaxrec}"
+    --max-restarts="${MAX_RESTARTS:-0}"
     --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2
     --shutdown-timeout="${STOP_TIMEOUT:-240}"
     -m relaxrec_megatron.cli.main train --config "$CONFIG" "$@")
 if [ "${DRY_RUN:-0}" = 1 ]; then
+    echo "python=$(command -v python)"
     printf '%q ' "${cmd[@]}"; echo
     exit 0
 fi

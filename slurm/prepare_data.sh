@@ -6,6 +6,7 @@
 #SBATCH --time=04:00:00
 #SBATCH --requeue
 #SBATCH --output=logs/%x-%A_%a.out
+#SBATCH --open-mode=append
 #
 # Tokenize a large corpus on many machines: a slurm array job, one shard per task. Task I of an
 # array 0..N-1 runs `relaxrec data prepare ... --shard I/N` with one tokenizer worker per CPU and
@@ -21,6 +22,12 @@
 # With at least N input files each task reads only its own files; with fewer, every task opens
 # the corpus and keeps its range of documents.
 set -euo pipefail
+# the checkout and its Python environment (as slurm/uptrain_gemma.sh finds them)
+ROOT="${RELAXREC_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
+[ -f "$ROOT/launch/python_env.sh" ] || ROOT="$(dirname "$(dirname "$(scontrol show job "${SLURM_JOB_ID:-0}" 2>/dev/null | grep -o 'Command=[^ ]*' | cut -d= -f2- || true)")")"
+[ -f "$ROOT/launch/python_env.sh" ] || ROOT="${SLURM_SUBMIT_DIR:-$PWD}"
+[ -f "$ROOT/launch/python_env.sh" ] || { echo "prepare_data.sh: cannot find the relaxrec checkout; submit from it or set RELAXREC_ROOT" >&2; exit 2; }
+source "$ROOT/launch/python_env.sh"
 : "${SLURM_ARRAY_TASK_ID:?not an array task: submit with sbatch --array=0-<N-1> (or set SLURM_ARRAY_TASK_*)}"
 : "${SLURM_ARRAY_TASK_COUNT:?SLURM_ARRAY_TASK_COUNT unset}"
 : "${TOKENIZER:?set TOKENIZER (tokenizer folder or hub name of the source model)}"

@@ -1,5 +1,5 @@
-"""The launch scripts, launched: real torchrun agents and workers on 127.0.0.1, real signals, the
-slurm script with stand-in `srun` and `scontrol`, and their dry runs."""
+"""The launch scripts, launched: real torchrun agents and workers on 127.0.0.1, real signals, dead,
+stalled and orphaned workers, and the dry runs. The SLURM scripts under a real SLURM: test_slurm."""
 
 import json
 import os
@@ -99,6 +99,27 @@ def processes_of(run_dir: Path) -> list[str]:
     return found
 
 
+def agent_and_workers(run_dir: Path) -> tuple[int, dict[int, int]]:
+    """The torchrun agent's pid and its workers' {LOCAL_RANK: pid}."""
+    agent, workers = None, {}
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            if f"run.output_dir={run_dir} " in cmd + " " and "parallel.torchrun" in cmd:
+                agent = int(proc.name)
+        except (OSError, ValueError):
+            continue
+    for proc in Path("/proc").iterdir():
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == agent:
+                env = dict(kv.split("=", 1) for kv in (proc / "environ").read_bytes().decode().split("\0") if "=" in kv)
+                workers[int(env["LOCAL_RANK"])] = int(proc.name)
+        except (OSError, ValueError, IndexError, KeyError):
+            continue
+    return agent, workers
+
+
 def losses(run_dir: Path) -> list[float]:
     got = metrics(run_dir)
     return [got[s]["loss"] for s in sorted(got)]
@@ -156,7 +177,8 @@ def test_sigterm_to_torchrun_saves_and_exits(job, straight):
 
 
 def stand_ins(folder: Path) -> Path:
-    """`srun` that runs the step here (one task: this node) and `scontrol` that records requeues."""
+    """`srun` and `scontrol` that record their calls, for the dry run of a job over several nodes,
+    which the one-node SLURM of test_slurm cannot show."""
     folder.mkdir(exist_ok=True)
     (folder / "srun").write_text('#!/usr/bin/env bash\n'
                                  'echo "srun $*" >> "$SLURM_LOG"\n'
@@ -171,22 +193,101 @@ def stand_ins(folder: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_slurm_script_on_usr1_checkpoints_and_requeues_once(job, straight):
-    run_dir, log = job / "slurm", job / "slurm-calls.log"
-    env = env_for(SLURM_JOB_ID=4242, SLURM_JOB_NODELIST="node-[01]", SLURM_JOB_NUM_NODES=1, SLURM_GPUS_ON_NODE=2,
-                  CONFIG=job / "c.yaml", CHECKPOINT_DIR=run_dir, SLURM_LOG=log)
-    env["PATH"] = f"{stand_ins(job / 'slurm-bin')}:{env['PATH']}"
-    batch = Launch(["bash", str(ROOT / "slurm" / "uptrain_gemma.sh")], env, job / "slurm.log")
-    wait_for_step(batch, run_dir, 3)
-    batch.proc.send_signal(signal.SIGUSR1)  # --signal=B:USR1@300 signals the batch shell
-    assert batch.wait(120) == 0, batch.console()
-    calls = log.read_text().splitlines()
-    assert [c for c in calls if "requeue" in c] == ["scontrol requeue 4242"], calls
-    assert calls[1].startswith("srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash") and "launch/torchrun.sh" in calls[1]
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP, signal.SIGQUIT], ids=lambda s: s.name)
+def test_every_stop_signal_to_torchrun_saves_and_exits_for_a_requeue(job, straight, sig):
+    """Ctrl-C, a closed terminal, SIGQUIT: like SIGTERM and SIGUSR1, the workers finish the step and save."""
+    run_dir = job / sig.name
+    launch = train_launch(job, sig.name, env_for())
+    wait_for_step(launch, run_dir, 2)
+    launch.proc.send_signal(sig)
+    done = assert_stopped_with_a_checkpoint(launch, run_dir, launch.wait(120))
+    assert losses(run_dir) == straight[:done]
+
+
+def single_process(job: Path, name: str, extra=()) -> Launch:
+    """`relaxrec train` in one process, without torchrun."""
+    return Launch([sys.executable, "-m", "relaxrec_megatron.cli.main", "train", "--config", str(job / "c.yaml"),
+                   f"run.output_dir={job / name}", *extra], env_for(), job / f"{name}.log")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP, signal.SIGQUIT], ids=lambda s: s.name)
+def test_every_stop_signal_to_a_single_process_saves_and_exits_for_a_requeue(job, sig):
+    run_dir = job / f"single-{sig.name}"
+    launch = single_process(job, f"single-{sig.name}")
+    wait_for_step(launch, run_dir, 2)
+    os.killpg(launch.proc.pid, sig)  # the terminal's foreground process group: the process and its helpers
+    rc = launch.wait(120)
+    assert rc == EXIT_REQUEUE, launch.console()
     done = max(metrics(run_dir))
     assert latest_checkpoint(run_dir / "checkpoints").name == f"step_{done:08d}" and done < STEPS
-    assert "requeueing job 4242" in batch.console(tail=0)
-    assert losses(run_dir) == straight[:done]
+    assert f"[train] stopped by {sig.name} (sent during step" in launch.console(tail=0)
+    assert processes_of(run_dir) == []
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_stops_at_once(job):
+    run_dir = job / "twice"
+    launch = single_process(job, "twice", ["eval.every=2", "eval.batches=400"])  # a long evaluation after step 2
+    wait_for_step(launch, run_dir, 2)
+    os.killpg(launch.proc.pid, signal.SIGINT)  # during the evaluation: the run would stop after it
+    time.sleep(2.5)  # later than a launcher's forwarded copy of the same Ctrl-C
+    os.killpg(launch.proc.pid, signal.SIGINT)
+    assert launch.wait(60) == 128 + signal.SIGINT
+    assert "[train] second SIGINT: stopping now, without a checkpoint" in launch.console()
+    assert processes_of(run_dir) == []
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_restarted_and_the_run_resumes_exactly(job, straight):
+    run_dir = job / "restart"
+    launch = train_launch(job, "restart", env_for(MAX_RESTARTS=2), ["checkpoint.save_every=5"])
+    wait_for_step(launch, run_dir, 12)
+    _, workers = agent_and_workers(run_dir)
+    assert sorted(workers) == [0, 1], workers
+    os.kill(workers[1], signal.SIGKILL)
+    assert launch.wait(300) == 0, launch.console()
+    assert losses(run_dir) == straight  # steps after the last checkpoint (10) are redone the same
+    time.sleep(0.5)
+    assert processes_of(run_dir) == []
+
+
+@pytest.mark.slow
+def test_workers_do_not_outlive_a_killed_agent(job):
+    run_dir = job / "orphans"
+    launch = train_launch(job, "orphans", env_for(), ["checkpoint.save_every=2"])  # a save starts helpers
+    wait_for_step(launch, run_dir, 4)
+    agent, workers = agent_and_workers(run_dir)
+    assert agent and len(workers) == 2
+    os.kill(agent, signal.SIGKILL)
+    end = time.time() + 10
+    while processes_of(run_dir) and time.time() < end:  # workers and their forked helpers (same command)
+        time.sleep(0.2)
+    assert processes_of(run_dir) == []
+
+
+@pytest.mark.slow
+def test_a_stalled_worker_is_named_and_the_run_ends(job):
+    """SIGSTOP to one worker: once the first steps have set the step time, the other ends the run within
+    stall_factor x that (at least stall_floor_s), with one line naming the stopped rank."""
+    run_dir = job / "stalled"
+    launch = train_launch(job, "stalled", env_for(), ["parallel.stall_factor=5", "parallel.stall_floor_s=3"])
+    wait_for_step(launch, run_dir, 6)
+    _, workers = agent_and_workers(run_dir)
+    stopped = workers[1]
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        end = time.time() + 60
+        while "[train] stalled:" not in launch.console(tail=0) and time.time() < end:
+            time.sleep(0.2)
+    finally:  # torchrun would SIGKILL the stopped process after its 30 s grace; let it end sooner
+        os.kill(stopped, signal.SIGCONT)
+    rc = launch.wait(60)
+    console = launch.console(tail=0)
+    assert rc != 0
+    stall = [line for line in console.splitlines() if "[train] stalled:" in line]
+    assert len(stall) == 1 and "waiting for rank 1 " in stall[0], console[-3000:]
+    time.sleep(0.5)
     assert processes_of(run_dir) == []
 
 
@@ -203,7 +304,8 @@ def test_two_agents_meet_by_rendezvous_and_train_like_one_agent_with_two_process
 
 def test_slurm_dry_run_prints_the_exact_commands(tmp_path):
     log = tmp_path / "calls.log"
-    env = {**os.environ, "PATH": f"{stand_ins(tmp_path / 'bin')}:{os.environ['PATH']}", "DRY_RUN": "1",
+    env = {**os.environ, "PATH": f"{stand_ins(tmp_path / 'bin')}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "DRY_RUN": "1",
            "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "gpu-node-[07-08]", "SLURM_JOB_NUM_NODES": "2",
            "SLURM_GPUS_ON_NODE": "8", "SLURM_LOG": str(log)}
     out = subprocess.run(["bash", str(ROOT / "slurm" / "uptrain_gemma.sh"), "optim.lr=2e-4"], env=env,
@@ -212,11 +314,13 @@ def test_slurm_dry_run_prints_the_exact_commands(tmp_path):
     lines = out.stdout.strip().splitlines()
     assert lines[0] == "nodes=2 gpus_per_node=8 master=127.0.0.1:24242"
     assert lines[1].startswith("srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash") and "launch/torchrun.sh" in lines[1]
+    assert lines[2] == f"python={sys.executable}"
     for part in ["relaxrec_megatron.parallel.torchrun --nnodes=2 --nproc-per-node=8", "--rdzv-backend=c10d",
-                 "--rdzv-endpoint=127.0.0.1:24242", "--rdzv-id=4242", "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,"
-                 "SIGQUIT,SIGUSR1,SIGUSR2", "--shutdown-timeout=240", "-m relaxrec_megatron.cli.main train",
-                 "configs/gemma-2b-relaxed.yaml", "checkpoint.resume=auto", "optim.lr=2e-4"]:
-        assert part in lines[2].replace("\\", ""), part  # printf %q escapes the commas
+                 "--rdzv-endpoint=127.0.0.1:24242", "--rdzv-id=4242", "--max-restarts=3",
+                 "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2", "--shutdown-timeout=240",
+                 "-m relaxrec_megatron.cli.main train", "configs/gemma-2b-relaxed.yaml", "checkpoint.resume=auto",
+                 "optim.lr=2e-4"]:
+        assert part in lines[3].replace("\\", ""), part  # printf %q escapes the commas
 
 
 def test_slurm_script_refuses_to_run_outside_slurm():

@@ -5,5 +5,6 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/tools/env.sh"
+bash "$ROOT/tools/slurm_packages.sh"  # the SLURM tests' one-node cluster
 cd "$ROOT"
 exec python -m pytest -q "$@"

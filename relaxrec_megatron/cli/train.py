@@ -23,8 +23,10 @@ def run(args) -> int:
     if args.print_config:
         print(json.dumps(asdict(cfg), indent=1, default=str))
         return 0
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")  # a single process without torchrun
-    os.environ.setdefault("MASTER_PORT", "29500")
+    if "WORLD_SIZE" not in os.environ:  # a single process without torchrun, on a port of its own
+        from ..parallel.distributed import free_port
+
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")

@@ -60,6 +60,7 @@ def check_compatible(saved: dict, settings: RelaxedSettings, where: str) -> None
 def save(model, settings: RelaxedSettings, folder: str | Path) -> None:
     from megatron.core import dist_checkpointing
 
+    _forked_results_queue()
     folder = Path(folder)
     if dist.get_rank() == 0:
         folder.mkdir(parents=True, exist_ok=True)
@@ -68,6 +69,19 @@ def save(model, settings: RelaxedSettings, folder: str | Path) -> None:
     if dist.get_rank() == 0:
         (folder / CONFIG_FILE).write_text(json.dumps(settings.hf, indent=1, default=str))
     dist.barrier()
+
+
+def _forked_results_queue() -> None:
+    """megatron's checkpoint writer collects its results through a multiprocessing Manager it starts
+    with the spawn method on the first save (filesystem_async.get_write_results_queue); a spawned
+    process outlives a rank that is killed. Started with fork, the Manager is one of the rank's
+    forked helpers, which die with it (parallel.process.children_die_with_this_process)."""
+    import multiprocessing
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", "absent") is None:
+        filesystem_async._results_queue = multiprocessing.get_context("fork").Manager().Queue()
 
 
 def read_config(folder: str | Path) -> dict:

@@ -13,7 +13,10 @@ import torch.distributed as dist
 from . import cpu_mode
 
 
-def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int = 600) -> None:
+DEFAULT_TIMEOUT_S = 600
+
+
+def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int = DEFAULT_TIMEOUT_S) -> None:
     """torch.distributed from the torchrun env (RANK, WORLD_SIZE, MASTER_ADDR/PORT), then megatron's groups."""
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
@@ -31,6 +34,23 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int 
     ps.destroy_model_parallel()
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     model_parallel_cuda_manual_seed(seed)
+
+
+@contextlib.contextmanager
+def collective_timeout(seconds: float):
+    """The default process group's collectives may wait `seconds` inside the block (a phase where the
+    other ranks wait on rank 0 inside a library's own barrier); the group's timeout after it."""
+    group = dist.distributed_c10d._get_default_group()
+    try:
+        before = group._get_backend(local_device()).options._timeout
+    except (AttributeError, RuntimeError):
+        before = timedelta(seconds=DEFAULT_TIMEOUT_S)
+    set_timeout = getattr(dist, "set_timeout", None) or dist.distributed_c10d._set_pg_timeout  # torch < 2.11
+    set_timeout(timedelta(seconds=seconds), group)
+    try:
+        yield
+    finally:
+        set_timeout(before, group)
 
 
 def local_device() -> torch.device:

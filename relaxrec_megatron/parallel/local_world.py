@@ -1,9 +1,11 @@
 """Run a function on N local processes (gloo on 127.0.0.1 without CUDA): free port, timeout, the
-first failing rank's traceback surfaced. Used by the demo and the tests; clusters use torchrun."""
+first failing rank's traceback surfaced, nothing left running. Used by the demo and the tests;
+clusters use torchrun."""
 
 from __future__ import annotations
 
 import os
+import signal
 import traceback
 
 import torch.multiprocessing as mp
@@ -12,6 +14,7 @@ from .distributed import free_port
 
 
 def _entry(rank, world, port, fn, args, errors):
+    os.setsid()  # a process group of its own: run_world ends the rank's helpers with it
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
     import torch
@@ -39,8 +42,13 @@ def run_world(fn, world: int, *args, timeout: float = 300.0) -> None:
     for p in procs:
         p.join(timeout)
     alive = [p for p in procs if p.is_alive()]
+    for p in procs:  # the rank if still running, and any helper process it left behind
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
     for p in alive:
-        p.kill()
+        p.join(10)
     if not errors.empty():
         rank, tb = errors.get()
         raise RuntimeError(f"rank {rank} failed:\n{tb}")

@@ -1,9 +1,11 @@
-"""A worker process tied to its launcher: it ends when the launcher does.
+"""Processes tied to the one that started them: a worker ends when its launcher does, and a
+worker's helper processes end with it.
 
 torchrun's agent watches its workers; if the agent itself dies (kill -9, its node's shell gone), the
 kernel re-parents them and they would train on unwatched. `die_with_parent` asks the kernel to kill
 this process when its parent exits (prctl PR_SET_PDEATHSIG, Linux) and exits at once if the parent
-is already gone.
+is already gone. `children_die_with_this_process` does the same for every process this one forks
+from then on (megatron's checkpoint writers and their multiprocessing Manager).
 """
 
 from __future__ import annotations
@@ -28,3 +30,15 @@ def die_with_parent(expected_parent: int | None = None) -> bool:
         print("[train] the launcher of this process is gone; stopping", file=sys.stderr, flush=True)
         os._exit(1)
     return True
+
+
+def _tie_to_parent() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def children_die_with_this_process() -> None:
+    """Every process forked from this one from now on is killed when this one exits (Linux)."""
+    if sys.platform.startswith("linux") and not getattr(children_die_with_this_process, "done", False):
+        os.register_at_fork(after_in_child=_tie_to_parent)
+        children_die_with_this_process.done = True

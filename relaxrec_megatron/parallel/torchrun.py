@@ -12,6 +12,7 @@ wrapper prints that line and exits with EXIT_REQUEUE. Without a stop line, torch
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import tempfile
@@ -20,6 +21,7 @@ from pathlib import Path
 from ..errors import EXIT_REQUEUE
 
 STOP_FILE_ENV = "RELAXREC_STOP_FILE"
+AGENT_PID_ENV = "RELAXREC_AGENT_PID"  # the workers end with this process (parallel.process)
 FORWARDED = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2"
 
 
@@ -28,12 +30,21 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
+    from ..console import verbose
+
+    if not verbose():  # the agent's notices of each signal it forwards and each worker it stops
+        for name in list(logging.Logger.manager.loggerDict):
+            if name.startswith("torch.distributed.elastic"):
+                logging.getLogger(name).setLevel(logging.ERROR)
+
     argv = list(sys.argv[1:] if argv is None else argv)
     if not any(a.split("=")[0] in ("--signals-to-handle", "--signals_to_handle") for a in argv):
         argv = [f"--signals-to-handle={FORWARDED}", *argv]
+    argv = supported(argv)
     with tempfile.TemporaryDirectory(prefix="relaxrec-launch-") as tmp:
         stop_file = Path(tmp) / "stop"
         os.environ[STOP_FILE_ENV] = str(stop_file)
+        os.environ[AGENT_PID_ENV] = str(os.getpid())
         try:
             torchrun(argv)
             return 0
@@ -45,6 +56,27 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[launch] {e.sigval.name}: workers stopped without a checkpoint", file=sys.stderr)
                 return 128 + int(e.sigval)
             raise
+
+
+def supported(argv: list[str]) -> list[str]:
+    """argv without the options this torchrun does not know (--signals-to-handle and
+    --shutdown-timeout came in later releases), saying which are dropped."""
+    from torch.distributed.run import get_args_parser
+
+    known = get_args_parser()._option_string_actions
+    command = next((i for i, a in enumerate(argv) if not a.startswith("-")), len(argv))
+    if "-m" in argv[:command]:
+        command = argv.index("-m")
+    keep, dropped = [], []
+    for i, a in enumerate(argv):
+        option = a.split("=")[0]
+        if i < command and option.startswith("--") and option not in known and "=" in a:
+            dropped.append(option)
+        else:
+            keep.append(a)
+    if dropped:
+        print(f"[launch] this torchrun has no {', '.join(dropped)}: running without", file=sys.stderr, flush=True)
+    return keep
 
 
 if __name__ == "__main__":

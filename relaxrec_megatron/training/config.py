@@ -59,6 +59,11 @@ class ParallelConfig:
     sequence_parallel: bool = False
     recompute: bool = False
     zero_stage: int = 1  # DeepSpeed ZeRO: 1 with PP; 1 or 2 without
+    # a stalled rank (training.watchdog): after the first steps, a step that runs longer than
+    # stall_factor x the slowest step so far, and at least stall_floor_s, ends the run naming the
+    # ranks it waits for (torchrun then restarts it from the last checkpoint, MAX_RESTARTS)
+    stall_factor: float = 10.0
+    stall_floor_s: float = 120.0
 
 
 @dataclass
@@ -67,6 +72,7 @@ class DataConfig:
     split: str = "99,1,0"
     seq_length: int = 2048
     tokenizer: str | None = None  # default: model.source
+    build_timeout_min: float = 120.0  # rank 0 checks the blend and builds the sample indices, the others wait
 
 
 @dataclass
@@ -125,6 +131,7 @@ class CheckpointConfig:
     save_every: int = 1000
     keep_last: int = 3
     resume: str = "auto"  # auto | none | path
+    save_timeout_min: float = 30.0  # a save that takes longer ends the run as stalled
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -16,13 +17,16 @@ from tqdm.auto import tqdm
 from ..console import quiet_third_party
 from ..errors import UserError
 from .config import TrainConfig
+from .watchdog import StallWatch
 
 
 class Preempted(Exception):
-    """The run stopped on a signal after every rank saved the checkpoint of `step`."""
+    """The run stopped on a signal after every rank saved the checkpoint of `step` (or, stopped
+    during start-up, with the checkpoint it had, if any)."""
 
-    def __init__(self, signal_name: str, step: int, checkpoint: Path, records: list[dict]):
-        super().__init__(f"stopped by {signal_name} at step {step}: checkpoint {checkpoint} saved; "
+    def __init__(self, signal_name: str, step: int, checkpoint: Path | None, records: list[dict]):
+        where = f"checkpoint {checkpoint} saved" if checkpoint is not None else "no checkpoint yet"
+        super().__init__(f"stopped by {signal_name} at step {step}: {where}; "
                          "relaunch with checkpoint.resume=auto to continue")
         self.step, self.checkpoint, self.records = step, checkpoint, records
 
@@ -86,7 +90,7 @@ def check_data(cfg: TrainConfig) -> None:
         if warning:
             print(f"[train] warning: {warning}", flush=True)
 
-    on_rank0(check)
+    on_rank0(check, cfg.data.build_timeout_min * 60)
 
 
 def build_data(cfg: TrainConfig, student_dir: Path):
@@ -149,6 +153,15 @@ class Logger:
             if rec["step"] % self.cfg.logging.every == 0:
                 self.log(rec, bar if bar is not None and bar.disable is False and self.cfg.logging.every == 1 else None)
 
+    def log_eval(self, val: dict, step: int) -> None:
+        if self.wandb is not None:
+            self.wandb.log(val, step=step)
+        if dist.get_rank() == 0:
+            loops = [v for k, v in val.items() if k.startswith("valid_loop") and k.endswith("_ppl")]
+            by_loop = f" (by loop {' / '.join(f'{v:.2f}' for v in loops)})" if loops else ""
+            print(f"[eval] step {step} valid loss {val['valid_loss']:.4f} ppl {val['valid_ppl']:.2f}{by_loop}",
+                  flush=True)
+
     def log(self, rec: dict, bar=None) -> None:
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in rec.items() if isinstance(v, (int, float))}, step=rec["step"])
@@ -172,12 +185,18 @@ def train(cfg: TrainConfig, hooks=None) -> list[dict]:
     """Runs (or resumes) the configured uptraining; a stop signal ends it with Preempted after a
     checkpoint. hooks: trainer.Hooks."""
     quiet_third_party()  # before megatron is imported; also in processes spawned without the CLI (demo's)
-    from ..parallel.distributed import init_distributed
+    from ..parallel.distributed import collective_timeout, init_distributed
+    from ..parallel.process import children_die_with_this_process, die_with_parent
+    from ..parallel.torchrun import AGENT_PID_ENV
     from .checkpoints import CheckpointManager
-    from .trainer import StopSignals, Trainer
+    from .stops import StopSignals
+    from .trainer import Trainer
 
+    if os.environ.get(AGENT_PID_ENV):  # started by torchrun: never outlive it
+        die_with_parent(int(os.environ[AGENT_PID_ENV]))
+    children_die_with_this_process()
     signals = StopSignals()
-    signals.install()  # before the slow setup: a preemption notice then still ends in an orderly stop
+    signals.install()  # before the slow setup, and before any helper process or thread starts
     init_distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.run.seed)
     cfg.validate(dist.get_world_size())
     run_dir = Path(cfg.run.output_dir)
@@ -187,7 +206,8 @@ def train(cfg: TrainConfig, hooks=None) -> list[dict]:
     check_eval_tasks(cfg)
     check_data(cfg)  # before the conversion, which can take hours
     student_dir, teacher_dir = prepare_checkpoints(cfg, run_dir)
-    train_ds, valid_ds = build_data(cfg, student_dir)
+    with collective_timeout(cfg.data.build_timeout_min * 60):  # rank 0 builds the indices, the others wait
+        train_ds, valid_ds = build_data(cfg, student_dir)
     trainer = Trainer(cfg, student_dir, teacher_dir, signals, hooks)
     trainer.setup(train_ds, valid_ds)
     checkpoints = CheckpointManager(run_dir / "checkpoints", cfg.checkpoint.keep_last, trainer.hooks)
@@ -197,14 +217,27 @@ def train(cfg: TrainConfig, hooks=None) -> list[dict]:
         checkpoints.load(trainer, latest)
         if dist.get_rank() == 0:
             print(f"[train] resumed from {latest} at step {trainer.step}", flush=True)
+    if trainer.step < cfg.optim.train_steps and trainer.agree_stop():  # sent during start-up: nothing to save
+        raise stopped_by(trainer, checkpoints, [])
     logger = Logger(cfg, run_dir, {k: trainer.settings.hf[k] for k in ("num_loops", "recursion_strategy",
                                                                         "shared_init", "lora_ranks")})
+    watch = StallWatch(cfg.parallel.stall_factor, cfg.parallel.stall_floor_s, cfg.checkpoint.save_timeout_min * 60,
+                       cfg.eval.batches)
     bar = tqdm(total=cfg.optim.train_steps, initial=trainer.step, unit="step", desc="train",
                disable=dist.get_rank() != 0, dynamic_ncols=True)
     records = []
+    @contextlib.contextmanager
+    def phase(what: str, step: int):
+        """What the run is doing, for the stall watch's limits and the stop line."""
+        watch.begin(what, step)
+        signals.phase = f"{'' if what == 'step' else 'the '}{what} {step}"
+        yield
+        watch.end()
+
     try:
         while trainer.step < cfg.optim.train_steps and not trainer.stop_requested:
-            rec = trainer.train_step()
+            with phase("step", trainer.step + 1):
+                rec = trainer.train_step()
             records.append(rec)
             logger.record(rec)
             bar.update(1)
@@ -212,27 +245,27 @@ def train(cfg: TrainConfig, hooks=None) -> list[dict]:
             save = done or trainer.stop_requested or rec["step"] % cfg.checkpoint.save_every == 0
             if save or rec["step"] % cfg.logging.every == 0:
                 logger.flush(bar)
-            if cfg.eval.every and rec["step"] % cfg.eval.every == 0 and valid_ds is not None:
-                val = evaluate(trainer, valid_ds)
-                if logger.wandb is not None:
-                    logger.wandb.log(val, step=rec["step"])
-                if dist.get_rank() == 0:
-                    loops = [v for k, v in val.items() if k.startswith("valid_loop") and k.endswith("_ppl")]
-                    by_loop = f" (by loop {' / '.join(f'{v:.2f}' for v in loops)})" if loops else ""
-                    print(f"[eval] step {rec['step']} valid loss {val['valid_loss']:.4f} ppl {val['valid_ppl']:.2f}"
-                          f"{by_loop}", flush=True)
+            evaluated = bool(cfg.eval.every and rec["step"] % cfg.eval.every == 0 and valid_ds is not None
+                             and not trainer.stop_requested)  # a stop costs the step in flight and the save
+            if evaluated:
+                with phase("evaluation at step", trainer.step):
+                    logger.log_eval(evaluate(trainer, valid_ds), rec["step"])
             if save:
-                checkpoints.save(trainer)
+                with phase("save of step", trainer.step):
+                    checkpoints.save(trainer)
+            if (save or evaluated) and not done and not trainer.stop_requested and trainer.agree_stop():
+                if not save:  # sent during the evaluation; one sent during a save stops with that checkpoint
+                    with phase("save of step", trainer.step):
+                        checkpoints.save(trainer)
     finally:  # a failing step keeps the records of the steps before it
+        watch.close()
         logger.flush()
     bar.close()
-    if trainer.stop_requested and trainer.step < cfg.optim.train_steps:  # a stop at the last step is the end
-        logger.close()
-        stopped = Preempted(signals.received or "a signal to another rank", trainer.step,
-                            checkpoints.latest(), records)
-        tell_launcher(stopped)
-        raise stopped
-    if cfg.eval.tasks and trainer.step >= cfg.optim.train_steps and dist.get_rank() == 0:
+    final = trainer.step >= cfg.optim.train_steps
+    if trainer.stop_requested and (not final or cfg.eval.tasks):  # a stop at the last step is the end, but
+        logger.close()                                              # for the scoring, which the relaunch does
+        raise stopped_by(trainer, checkpoints, records)
+    if cfg.eval.tasks and final and dist.get_rank() == 0:
         step = trainer.step
         del trainer  # the scoring process needs the memory
         if torch.cuda.is_available():
@@ -244,6 +277,15 @@ def train(cfg: TrainConfig, hooks=None) -> list[dict]:
         print("[eval] " + "  ".join(f"{k[5:]} {v:.4f}" for k, v in flat.items()), flush=True)
     logger.close()
     return records
+
+
+def stopped_by(trainer, checkpoints, records: list[dict]) -> Preempted:
+    """The Preempted of an agreed stop, its line left for the launcher."""
+    s = trainer.signals
+    how = f"{s.received} (sent during {s.received_in})" if s.received else "a signal to another rank"
+    stopped = Preempted(how, trainer.step, checkpoints.latest(), records)
+    tell_launcher(stopped)
+    return stopped
 
 
 def check_eval_tasks(cfg: TrainConfig) -> None:
@@ -260,8 +302,10 @@ def check_eval_tasks(cfg: TrainConfig) -> None:
         except UserError as e:
             raise UserError(f"eval.tasks: {e}") from None
 
-    on_rank0(check)
+    on_rank0(check, CHECK_TASKS_TIMEOUT_S)
 
+
+CHECK_TASKS_TIMEOUT_S = 1800  # rank 0 indexes the harness's tasks (and may download their datasets)
 
 # set by torchrun / the local launcher for the training processes; the scoring process is a run of its own
 _LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",

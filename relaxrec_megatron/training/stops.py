@@ -28,6 +28,8 @@ GRACE_S = 2.0  # a launcher's forwarded copy of the same Ctrl-C arrives well wit
 class StopSignals:
     def __init__(self):
         self.received: str | None = None
+        self.phase = "start-up"  # what the run is doing, e.g. "step 12" (training.run keeps it current)
+        self.received_in: str | None = None  # the phase the first signal arrived in
         self._first_at = 0.0
         self._lock = threading.Lock()
 
@@ -49,6 +51,7 @@ class StopSignals:
             now = time.monotonic()
             if self.received is None:
                 self.received, self._first_at = signal.Signals(signum).name, now
+                self.received_in = self.phase
             elif signum == signal.SIGINT and now - self._first_at > GRACE_S:
                 print("[train] second SIGINT: stopping now, without a checkpoint", file=sys.stderr, flush=True)
                 os._exit(128 + signal.SIGINT)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch.distributed as dist
 
 from ..errors import UserError
 from .config import TrainConfig, lr_at
+from .stops import StopSignals
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -83,23 +83,6 @@ def deepspeed_config(cfg: TrainConfig, micro_batches: int, dp: int) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-
-
-class StopSignals:
-    """SIGTERM and SIGUSR1 (slurm's preemption notice, which the launchers forward): noted when they
-    arrive, acted on at the end of the step by every rank together."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self):
-        self.received: str | None = None
-
-    def install(self) -> None:
-        for sig in self.SIGNALS:
-            signal.signal(sig, self._note)
-
-    def _note(self, signum, frame) -> None:
-        self.received = signal.Signals(signum).name
 
 
 @dataclass
@@ -252,6 +235,14 @@ class Trainer:
         return {"loss": loss / self.dp, "lm_loss": lm / self.dp, "kd_loss": kd / self.dp,
                 **{f"loop{b + 1}_loss": v / self.dp for b, v in enumerate(loops)},
                 "finite": bad == 0 and math.isfinite(loss), "stop": stop > 0}
+
+    def agree_stop(self) -> bool:
+        """Whether any rank has been sent a stop signal (one all-reduce of a flag), outside a step: after
+        setup, after an evaluation or a save; sets stop_requested."""
+        flag = torch.tensor(float(self.signals.received is not None), dtype=torch.float64, device=self.device)
+        dist.all_reduce(flag)
+        self.stop_requested = self.stop_requested or flag.item() > 0
+        return self.stop_requested
 
     def eval_losses(self, batches: list[dict]) -> dict:
         """Mean LM loss of one global batch (and with exits, each loop's), no gradients."""
