@@ -31,6 +31,14 @@
 # A dead or stalled worker: torchrun restarts every worker of the node up to MAX_RESTARTS times
 # (default 3 here), each time resuming from the latest checkpoint.
 set -euo pipefail
+# a stop signal can come at any time, SLURM's time-limit notice even before this script got far:
+# noted from the first line, forwarded to srun once it runs
+child="" pending=""
+forward() {  # srun passes it on to every process of the step
+    if [ -n "$child" ]; then kill -"$1" "$child" 2>/dev/null || true; else pending="$1"; fi
+}
+trap 'echo "[slurm] USR1: stopping job ${SLURM_JOB_ID:-} at the end of the step"; forward USR1' USR1
+trap 'echo "[slurm] TERM: stopping job ${SLURM_JOB_ID:-} at the end of the step"; forward TERM' TERM
 
 # The checkout: slurmd runs a copy of this script from its spool folder, so its own path may say
 # nothing; then the script sbatch was given (scontrol's Command=), else the submit folder.
@@ -43,7 +51,7 @@ CHECKPOINT_DIR="${CHECKPOINT_DIR:-$ROOT/runs/gemma-2b-relaxed-r512}"
 
 : "${SLURM_JOB_ID:?not inside a SLURM job: submit with sbatch (or set SLURM_* and DRY_RUN=1)}"
 : "${SLURM_JOB_NODELIST:?SLURM_JOB_NODELIST unset}"
-echo "[slurm] job $SLURM_JOB_ID attempt $((${SLURM_RESTART_COUNT:-0} + 1)) on $(hostname) at $(date '+%F %T')"
+[ "${DRY_RUN:-0}" = 1 ] || echo "[slurm] job $SLURM_JOB_ID attempt $((${SLURM_RESTART_COUNT:-0} + 1)) on $(hostname) at $(date '+%F %T')"
 NNODES="${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}"
 GPUS="${SLURM_GPUS_ON_NODE:-${SLURM_GPUS_PER_NODE:-}}"
 GPUS="${GPUS##*:}"  # "gpu:8" -> 8
@@ -77,12 +85,6 @@ if [ "${DRY_RUN:-0}" = 1 ]; then
     exit 0
 fi
 
-child="" pending=""
-forward() {  # srun passes it on to every process of the step; one that comes before srun waits for it
-    if [ -n "$child" ]; then kill -"$1" "$child" 2>/dev/null || true; else pending="$1"; fi
-}
-trap 'echo "[slurm] USR1: stopping job $SLURM_JOB_ID at the end of the step"; forward USR1' USR1
-trap 'echo "[slurm] TERM: stopping job $SLURM_JOB_ID at the end of the step"; forward TERM' TERM
 cd "$ROOT"
 "${run[@]}" &
 child=$!

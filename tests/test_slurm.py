@@ -38,6 +38,8 @@ def checkout(tmp_path_factory) -> Path:
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
                            text=True, check=True).stdout.split()
     for f in files:
+        if f.split("/")[0] == ".venv":  # a link to an environment is not part of a checkout
+            continue
         (dest / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / f, dest / f, follow_symlinks=False)
     return dest

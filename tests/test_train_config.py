@@ -1,5 +1,6 @@
 """Run configs: every shipped config parses against the trainer's dataclasses; overrides; schedules."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -146,3 +147,28 @@ def test_fp8_without_cuda_is_one_line():
 
     with pytest.raises(UserError, match="needs a CUDA GPU with FP8.*set model.fp8=false"):
         check_fp8_runtime("tensorwise")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["optim.micro_batch_size=0"], "optim.micro_batch_size must be > 0, got 0"),
+    (["optim.train_steps=-1"], "optim.train_steps must be > 0, got -1"),
+    (["optim.train_steps=0"], "optim.train_steps must be > 0, got 0"),
+    (["optim.train_steps=2.5"], "optim.train_steps: expected an integer, got 2.5"),
+    (["optim.global_batch_size=0"], "optim.global_batch_size must be > 0"),
+    (["optim.lr=-1"], "optim.lr must be > 0, got -1"),
+    (["optim=3"], "optim is a section; set one of its keys"),
+    (["model.recursion.strategy=bogus"], "model.recursion.strategy must be one of cycle, sequence, got 'bogus'"),
+    (["model.recursion.init=bogus"], "model.recursion.init must be one of stepwise, average, lower, upper"),
+    (["checkpoint.save_every=0"], "checkpoint.save_every must be > 0"),
+    (["checkpoint.keep_last=0"], "checkpoint.keep_last must be > 0, got 0"),
+    (["checkpoint.keep_last=-2"], "checkpoint.keep_last must be > 0, got -2"),
+    (["logging.every=0"], "logging.every must be > 0"),
+    (["data.seq_length=0"], "data.seq_length must be > 0"),
+    (["kd.enabled=maybe"], "kd.enabled: expected true or false, got 'maybe'"),
+    (["optim.lr=fast"], "optim.lr: expected a number, got 'fast'"),
+    (["parallel.stall_factor=1"], "parallel.stall_factor must be > 1"),
+    (["optim.betas=[0.9]"], "optim.betas must be two numbers"),
+])
+def test_every_bad_setting_is_one_line_naming_its_key(overrides, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_config(GEMMA, overrides).validate()

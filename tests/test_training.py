@@ -108,6 +108,8 @@ def test_training_checkpoint_exports_to_hf_with_the_same_logits(setup, tmp_path)
 
     run(setup, "export", 2, ["checkpoint.save_every=10"])
     model_ckpt = latest_checkpoint(setup / "run-export" / "checkpoints") / "model"
+    for states in (model_ckpt.parent / "optimizer").rglob("*model_states.pt"):  # the weights are stored once
+        assert torch.load(states, weights_only=False)["module"] == {}
     megatron_to_relaxed(model_ckpt, tmp_path / "hf")
     tokens = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(5))
     run_world(load_job, 2, str(tmp_path / "hf"), 1, 2, str(model_ckpt), tokens, str(tmp_path / "mcore.pt"),
@@ -211,3 +213,11 @@ def test_a_step_waits_for_the_device_once_besides_deepspeed(setup, overrides):
             assert len(ours) == 1 and ours[0].endswith("_agree tolist"), (rank, step, sites)
             theirs = {s.split(":")[0] + " " + s.split(" ")[1] for s in sites if s not in ours}
             assert theirs and theirs <= DEEPSPEED_READS, (rank, step, sites)
+
+
+@pytest.mark.slow
+def test_resuming_on_another_data_parallel_size_is_refused_before_loading(setup):
+    run(setup, "dp-change", 2, ["optim.train_steps=2", "checkpoint.save_every=2"])
+    with pytest.raises(RuntimeError, match=r"was saved with tp=1 pp=1 dp=2 zero_stage=1 and this run has tp=1 pp=1 "
+                                           r"dp=1 zero_stage=1: its optimizer state is partitioned"):
+        run(setup, "dp-change", 1, ["optim.train_steps=4"], fresh=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ..console import quiet_third_party
@@ -22,12 +23,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    quiet_third_party()
     args = build_parser().parse_args(argv)
+    if args.command == "train" and not args.print_config:  # a stop during start-up is noted, not fatal
+        from ..training.stops import StopSignals
+
+        StopSignals.for_this_process()
+    quiet_third_party()
     try:
         return int(args.run(args) or 0)
-    except UserError as e:
-        print(f"relaxrec {args.command}: error: {e}", file=sys.stderr)
+    except UserError as e:  # every rank of a run raises it; rank 0 says it
+        if os.environ.get("RANK", "0") == "0":
+            print(f"relaxrec {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"relaxrec {args.command}: interrupted", file=sys.stderr)

@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ..errors import EXIT_REQUEUE
+from ..errors import EXIT_REQUEUE, UserError
 
 STOP_FILE_ENV = "RELAXREC_STOP_FILE"
 AGENT_PID_ENV = "RELAXREC_AGENT_PID"  # the workers end with this process (parallel.process)
@@ -41,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     if not any(a.split("=")[0] in ("--signals-to-handle", "--signals_to_handle") for a in argv):
         argv = [f"--signals-to-handle={FORWARDED}", *argv]
     argv = supported(argv)
+    try:
+        check_run(argv)
+    except UserError as e:
+        print(f"relaxrec train: error: {e}", file=sys.stderr, flush=True)
+        return 2
     with tempfile.TemporaryDirectory(prefix="relaxrec-launch-") as tmp:
         stop_file = Path(tmp) / "stop"
         os.environ[STOP_FILE_ENV] = str(stop_file)
@@ -52,10 +57,34 @@ def main(argv: list[str] | None = None) -> int:
             if stop_file.is_file():
                 print(f"[launch] {stop_file.read_text().strip()}", file=sys.stderr, flush=True)
                 return EXIT_REQUEUE
-            if isinstance(e, SignalException):
-                print(f"[launch] {e.sigval.name}: workers stopped without a checkpoint", file=sys.stderr)
-                return 128 + int(e.sigval)
+            if isinstance(e, SignalException):  # stopped before a checkpoint of this attempt: the last one stands
+                print(f"[launch] stopped by {e.sigval.name} before this attempt saved a checkpoint; relaunch with "
+                      "checkpoint.resume=auto to continue from the last complete one", file=sys.stderr, flush=True)
+                return EXIT_REQUEUE
+            if {f.exitcode for f in e.failures.values()} == {2}:  # a UserError: rank 0 printed its one line
+                return 2
             raise
+
+
+def check_run(argv: list[str]) -> None:
+    """training.preflight in the launcher, for a `relaxrec train` command: a bad setting ends the
+    launch with one line before any worker starts (and before torchrun would restart them)."""
+    if "relaxrec_megatron.cli.main" not in argv:
+        return
+    command = argv[argv.index("relaxrec_megatron.cli.main") + 1:]
+    if not command or command[0] != "train" or "--config" not in command or "--print-config" in command:
+        return
+    from ..training.config import load_config
+    from ..training.preflight import preflight
+
+    at = command.index("--config")
+    config, overrides = command[at + 1], [a for a in command[1:] if "=" in a and not a.startswith("-")]
+    options = dict(a.lstrip("-").replace("_", "-").split("=", 1) for a in argv[:argv.index("-m")] if "=" in a)
+    try:
+        world = int(options.get("nnodes", "1").split(":")[-1]) * int(options["nproc-per-node"])
+    except (KeyError, ValueError):
+        world = None
+    preflight(load_config(config, overrides), world)
 
 
 def supported(argv: list[str]) -> list[str]:

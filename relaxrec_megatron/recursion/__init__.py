@@ -2,7 +2,7 @@
 
 from .plan import SharingPlan, Strategy
 from .init import InitMethod, shared_init_sources, init_shared
-from .lora import LoraFactors, clip_rank, lora_factors, relative_error
+from .lora import LoraFactors, LoraInit, clip_rank, lora_factors, relative_error
 
 __all__ = [
     "SharingPlan",
@@ -11,6 +11,7 @@ __all__ = [
     "shared_init_sources",
     "init_shared",
     "LoraFactors",
+    "LoraInit",
     "clip_rank",
     "lora_factors",
     "relative_error",

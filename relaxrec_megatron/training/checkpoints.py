@@ -1,14 +1,17 @@
-"""A run's checkpoints: save, load, keep the last few, find the latest.
+"""A run's checkpoints: save, check, load, keep the last few.
 
 checkpoints/step_{N}/ holds the model (a Megatron dist checkpoint with the tokenizer beside it, which
-`relaxrec export` and `relaxrec eval` read as it is), DeepSpeed's optimizer shards, each rank's random
-state and trainer_state.json. A save is complete when `latest` names it: `latest` is written last,
-after every rank finished, so a crash mid-save leaves the previous checkpoint the latest, and resume
-never reads a half-written one.
+`relaxrec export` and `relaxrec eval` read as it is), DeepSpeed's optimizer shards (without a second
+copy of the weights), each rank's random state, trainer_state.json and, written last, manifest.json:
+every file with its size (model.checkpoint.incomplete checks it). A crash, a full disk or a kill in
+the middle of a save leaves a folder without a manifest, which resume skips and the next save
+removes; `latest` is only a hint for people. Resume takes the newest complete checkpoint and says
+which newer ones it skipped and why.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -16,8 +19,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..errors import UserError
 from ..files import write_text
-from ..model.checkpoint import LATEST_FILE, STATE_FILE, latest_checkpoint
+from ..model.checkpoint import LATEST_FILE, STATE_FILE, incomplete, latest_checkpoint, step_folders, write_manifest
 
 
 class CheckpointManager:
@@ -27,6 +31,24 @@ class CheckpointManager:
     def latest(self) -> Path | None:
         return latest_checkpoint(self.root)
 
+    def resume_point(self) -> Path | None:
+        """The newest complete checkpoint; rank 0 says which newer folders it skips and why. A
+        checkpoints/ folder with step folders but no complete one is an error, not a fresh start."""
+        skipped = []
+        for folder in step_folders(self.root):
+            why = incomplete(folder)
+            if why is None:
+                for old, reason in skipped:
+                    _say(f"[train] skipping {old}: {reason}; resuming from {folder.name}")
+                return folder
+            skipped.append((folder, why))
+        if skipped:
+            old, reason = skipped[0]
+            raise UserError(f"{self.root} has {len(skipped)} checkpoint folder(s) and none is complete ({old.name}: "
+                            f"{reason}); remove them to start over, or set checkpoint.resume=none and another "
+                            "run.output_dir")
+        return None
+
     def save(self, trainer) -> Path:
         from ..hf.checkpoint import copy_side_files
         from ..model import checkpoint as mckpt
@@ -34,21 +56,30 @@ class CheckpointManager:
         folder = self.root / f"step_{trainer.step:08d}"
         rank0 = dist.get_rank() == 0
         if rank0:
+            for half in [p for p in step_folders(self.root) if incomplete(p) is not None]:
+                shutil.rmtree(half, ignore_errors=True)  # a save that did not finish, this one's old copy included
             shutil.rmtree(folder, ignore_errors=True)
         dist.barrier()
-        mckpt.save(trainer.student, trainer.settings, folder / "model")
-        if rank0:  # the tokenizer travels with the checkpoint into its HF exports
-            copy_side_files(trainer.student_dir, folder / "model", same_weights=False)
-        if self.hooks is not None and self.hooks.after_model_saved is not None:
-            self.hooks.after_model_saved(trainer, folder)
-        trainer.engine.save_checkpoint(str(folder / "optimizer"), tag="state", save_latest=False,
-                                       exclude_frozen_parameters=True)
-        torch.save(rng_state(), folder / f"rng_rank{dist.get_rank()}.pt")
+        try:
+            mckpt.save(trainer.student, trainer.settings, folder / "model")
+            if rank0:  # the tokenizer travels with the checkpoint into its HF exports
+                copy_side_files(trainer.student_dir, folder / "model", same_weights=False)
+            if self.hooks is not None and self.hooks.after_model_saved is not None:
+                self.hooks.after_model_saved(trainer, folder)
+            with _optimizer_state_only(trainer.engine):
+                trainer.engine.save_checkpoint(str(folder / "optimizer"), tag="state", save_latest=False,
+                                               exclude_frozen_parameters=True)
+            torch.save(rng_state(), folder / f"rng_rank{dist.get_rank()}.pt")
+        except OSError as e:  # a full disk, a read-only folder: this rank's one line
+            raise UserError(f"saving {folder} failed on rank {dist.get_rank()}: {e.strerror or e} ({e.filename or folder}); "
+                            f"a checkpoint needs about {_bytes_of(self.latest()) or 'its'} bytes; the previous "
+                            "checkpoint is intact") from None
         dist.barrier()
         if rank0:
             (folder / STATE_FILE).write_text(json.dumps(trainer.state(), indent=1, default=str))
+            write_manifest(folder)
             write_text(self.root / LATEST_FILE, folder.name)
-            self._prune()
+            self._prune(keep=folder)
         dist.barrier()
         return folder
 
@@ -56,18 +87,54 @@ class CheckpointManager:
         from ..model import checkpoint as mckpt
 
         folder = Path(folder)
+        state = json.loads((folder / STATE_FILE).read_text())
+        check_layout(state, trainer, folder)
         mckpt.load(trainer.student, trainer.settings, folder / "model")
         trainer.engine.load_checkpoint(str(folder / "optimizer"), tag="state", load_module_strict=False,
-                                       load_optimizer_states=True, load_lr_scheduler_states=False)
-        # DeepSpeed restores the module weights it saved; the dist checkpoint is the source of truth
-        mckpt.load(trainer.student, trainer.settings, folder / "model")
-        trainer.restore(json.loads((folder / STATE_FILE).read_text()))
+                                       load_optimizer_states=True, load_lr_scheduler_states=False,
+                                       custom_load_fn=lambda src, dst: None)  # the weights are the dist checkpoint's
+        mckpt.load(trainer.student, trainer.settings, folder / "model")  # after DeepSpeed copied its fp32 master
+        trainer.restore(state)
         set_rng_state(torch.load(folder / f"rng_rank{dist.get_rank()}.pt", weights_only=True))
 
-    def _prune(self) -> None:
-        kept = sorted(p for p in self.root.glob("step_*") if p.is_dir())
-        for old in kept[: max(0, len(kept) - self.keep_last)]:
-            shutil.rmtree(old, ignore_errors=True)
+    def _prune(self, keep: Path) -> None:
+        """The newest keep_last complete checkpoints stay, and always the one just written."""
+        complete = [p for p in step_folders(self.root) if incomplete(p) is None]
+        for old in complete[self.keep_last:]:
+            if old != keep:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def check_layout(state: dict, trainer, folder: Path) -> None:
+    """ZeRO partitions the optimizer state by the data-parallel layout, so a checkpoint resumes on
+    the layout that saved it (its weights load on any: relaxrec export, model.relaxed)."""
+    saved = state.get("layout")
+    now = trainer.layout()
+    if saved is not None and saved != now:
+        show = lambda d: " ".join(f"{k}={v}" for k, v in d.items())
+        raise UserError(f"{folder} was saved with {show(saved)} and this run has {show(now)}: its optimizer state is "
+                        "partitioned for that layout; resume with the same TP, PP, data-parallel size and ZeRO "
+                        f"stage, or start a new run from its weights (relaxrec export hf-relaxed {folder / 'model'} "
+                        "OUT, then model.relaxed=OUT)")
+
+
+@contextlib.contextmanager
+def _optimizer_state_only(engine):
+    """DeepSpeed's checkpoint without its copy of the module's weights: the dist checkpoint has them."""
+    engine.module_state_dict = lambda *args, **kwargs: {}
+    try:
+        yield
+    finally:
+        del engine.module_state_dict
+
+
+def _bytes_of(folder: Path | None) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder else 0
+
+
+def _say(line: str) -> None:
+    if dist.get_rank() == 0:
+        print(line, flush=True)
 
 
 def rng_state() -> dict:

@@ -209,10 +209,54 @@ class TrainConfig:
                                 "state is a pass through the whole model only after the last layer")
             e.loop_weights(r.loops)
 
+    def _validate_ranges(self) -> None:
+        """Every number and choice in its range, named by its key (types: _coerce, when loading)."""
+        r = self.model.recursion
+        positive = {"optim.global_batch_size": self.optim.global_batch_size,
+                    "optim.micro_batch_size": self.optim.micro_batch_size, "optim.train_steps": self.optim.train_steps,
+                    "optim.lr": self.optim.lr, "data.seq_length": self.data.seq_length,
+                    "checkpoint.save_every": self.checkpoint.save_every, "checkpoint.keep_last": self.checkpoint.keep_last,
+                    "checkpoint.save_timeout_min": self.checkpoint.save_timeout_min,
+                    "logging.every": self.logging.every, "eval.batches": self.eval.batches,
+                    "eval.batch_size": self.eval.batch_size, "parallel.tp": self.parallel.tp,
+                    "parallel.pp": self.parallel.pp, "parallel.stall_floor_s": self.parallel.stall_floor_s,
+                    "data.build_timeout_min": self.data.build_timeout_min,
+                    "model.convert_timeout_min": self.model.convert_timeout_min,
+                    "model.recursion.loops": r.loops, "optim.max_nonfinite_in_a_row": self.optim.max_nonfinite_in_a_row,
+                    "optim.eps": self.optim.eps}
+        for key, value in positive.items():
+            if not value > 0:
+                raise UserError(f"{key} must be > 0, got {value}")
+        non_negative = {"optim.min_lr": self.optim.min_lr, "optim.warmup_steps": self.optim.warmup_steps,
+                        "optim.weight_decay": self.optim.weight_decay, "optim.clip_grad": self.optim.clip_grad,
+                        "eval.every": self.eval.every}
+        for key, value in non_negative.items():
+            if value < 0:
+                raise UserError(f"{key} must be >= 0, got {value}")
+        if not 0.0 <= self.optim.decay_fraction <= 1.0:
+            raise UserError(f"optim.decay_fraction must be in [0, 1], got {self.optim.decay_fraction}")
+        if len(self.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.optim.betas):
+            raise UserError(f"optim.betas must be two numbers in [0, 1), got {list(self.optim.betas)}")
+        if self.parallel.stall_factor <= 1:
+            raise UserError(f"parallel.stall_factor must be > 1, got {self.parallel.stall_factor}")
+        if r.rank < -1:
+            raise UserError(f"model.recursion.rank must be -1 (full), 0 (none) or a positive rank, got {r.rank}")
+        from ..recursion import InitMethod, LoraInit, Strategy
+
+        names = lambda enum: tuple(m.value for m in enum)
+        choices = {"model.recursion.strategy": (r.strategy, names(Strategy)),
+                   "model.recursion.init": (r.init, names(InitMethod)),
+                   "model.recursion.lora_init": (r.lora_init, names(LoraInit)),
+                   "logging.wandb_mode": (self.logging.wandb_mode, ("auto", "online", "offline", "disabled"))}
+        for key, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise UserError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
+
     def validate(self, world_size: int | None = None) -> None:
         o, p = self.optim, self.parallel
         if not self.model.source and not self.model.relaxed:
             raise UserError("model.source (or model.relaxed) is required")
+        self._validate_ranges()
         if p.zero_stage not in (0, 1, 2):
             raise UserError(f"parallel.zero_stage must be 0, 1 or 2, got {p.zero_stage}")
         if self.model.dtype not in ("fp32", "bf16", "fp16"):
@@ -267,14 +311,33 @@ def _dataclass_type(annotation) -> type | None:
 
 
 def _coerce(value: Any, like: Any, where: str) -> Any:
-    """YAML reads 3e-4 as a string (YAML 1.1): numbers are converted to the field's type."""
-    if isinstance(like, bool) or like is None or not isinstance(value, str):
+    """The value in the type of the field's default: YAML reads 3e-4 as a string (YAML 1.1), so
+    numbers in strings are converted; a bool, an integer, a list must be one; anything else is a
+    one-line UserError naming the key."""
+    if like is None:  # optional fields (model.relaxed, eval.limit, ...): checked where they are used
         return value
-    if isinstance(like, (int, float)):
+    if isinstance(value, str) and isinstance(like, (int, float)) and not isinstance(like, bool):
         try:
-            return type(like)(float(value)) if isinstance(like, float) else int(value)
+            value = float(value)
         except ValueError:
             raise UserError(f"{where}: expected a number, got {value!r}") from None
+    kind = type(like)
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"{where}: expected true or false, got {value!r}")
+    elif kind is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+            raise UserError(f"{where}: expected an integer, got {value!r}")
+        value = int(value)
+    elif kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{where}: expected a number, got {value!r}")
+        value = float(value)
+    elif kind in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{where}: expected a list, got {value!r}")
+    elif kind is str and not isinstance(value, str):
+        raise UserError(f"{where}: expected a string, got {value!r}")
     return value
 
 
@@ -289,7 +352,15 @@ def apply_override(cfg: TrainConfig, item: str) -> None:
         obj = getattr(obj, p)
     if not dataclasses.is_dataclass(obj) or parts[-1] not in {f.name for f in dataclasses.fields(obj)}:
         raise UserError(f"override {item!r}: unknown key {key!r}")
-    setattr(obj, parts[-1], _coerce(yaml.safe_load(raw), getattr(obj, parts[-1]), key))
+    current = getattr(obj, parts[-1])
+    if dataclasses.is_dataclass(current):
+        raise UserError(f"override {item!r}: {key} is a section; set one of its keys, e.g. "
+                        f"{key}.{dataclasses.fields(current)[0].name}=...")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    setattr(obj, parts[-1], _coerce(value, current, key))
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:

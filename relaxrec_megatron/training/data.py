@@ -1,9 +1,17 @@
-"""Training data through megatron-core's GPTDataset / BlendedMegatronDatasetBuilder (blends with
-weights, train/valid split, deterministic shuffle, packed sequences), cut into this rank's
-micro-batches of each global batch."""
+"""Training data through megatron-core's GPTDataset (packed sequences of the indexed datasets, the
+train/valid split by documents, cached indices), cut into this rank's micro-batches of each global
+batch.
+
+The order of the samples depends on the data and the seed only, never on how many steps the run
+plans: each blend component is a series of epochs, epoch e a one-pass GPTDataset shuffled with its
+own seed (seed + e), and the blend interleaves the components with megatron's greedy blending index,
+whose first N entries do not depend on the total. Raising optim.train_steps on resume appends epochs
+and keeps every sample already planned where it was.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,9 +33,49 @@ class TokenizerInfo:
         return {"class": "TokenizerInfo", "vocab_size": self.vocab_size, "eod": self.eod}
 
 
+EPOCH_SEED_STRIDE = 1_000_003  # epoch e of a run with seed s is shuffled with s + e * this
+
+
+class Epochs:
+    """Samples 0, 1, 2, ... of one component: epoch i // n, sample i % n (n: one epoch's samples)."""
+
+    def __init__(self, epochs: list):
+        self.epochs = epochs
+        self.per_epoch = len(epochs[0])
+
+    def __len__(self) -> int:
+        return self.per_epoch * len(self.epochs)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.epochs[i // self.per_epoch][i % self.per_epoch]
+
+
+class Blend:
+    """The components interleaved in proportion to their weights: sample k comes from the component
+    megatron's greedy blending index picks at k (the one furthest below its share)."""
+
+    def __init__(self, components: list, weights: list[float], size: int):
+        import numpy as np
+
+        from megatron.core.datasets import helpers
+
+        self.components = components
+        self.index = np.zeros(size, dtype=np.int16)
+        self.sample = np.zeros(size, dtype=np.int64)
+        helpers.build_blending_indices(self.index, self.sample, np.asarray(weights, dtype=np.float64),
+                                       len(components), size, False)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, k: int) -> dict:
+        return self.components[self.index[k]][int(self.sample[k])]
+
+
 def build_datasets(cfg: TrainConfig, tokenizer: TokenizerInfo, train_samples: int, valid_samples: int):
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+    """(train, valid) datasets with at least train_samples and valid_samples samples (valid: None
+    when the split gives it no documents)."""
+    import numpy as np
 
     from ..data.indexed import expand_blend
 
@@ -36,15 +84,50 @@ def build_datasets(cfg: TrainConfig, tokenizer: TokenizerInfo, train_samples: in
         weights, prefixes = expand_blend([float(w) for w in blend[0::2]], [str(p) for p in blend[1::2]])
     except UserError as e:
         raise UserError(f"data.blend: {e}") from None
+    weights = [w / sum(weights) for w in weights]
+    out = []
+    for split, wanted in ((0, train_samples), (1, valid_samples)):
+        if len(prefixes) == 1:
+            counts = [wanted]
+        else:  # how often the first `wanted` entries of the blending index take each component
+            probe = Blend([[None]] * len(prefixes), weights, wanted)
+            counts = np.bincount(probe.index, minlength=len(prefixes)).tolist()
+        components = [_epochs(cfg, tokenizer, prefix, split, count) for prefix, count in zip(prefixes, counts)]
+        if any(c is None for c in components):
+            out.append(None)
+        elif len(components) == 1:
+            out.append(components[0])
+        else:
+            out.append(Blend(components, weights, wanted))
+    return out[0], out[1]
+
+
+def _epochs(cfg: TrainConfig, tokenizer: TokenizerInfo, prefix: str, split: int, samples: int) -> Epochs | None:
+    """One component's epochs of a split, as many as `samples` needs (at least one)."""
+    first = _one_epoch(cfg, tokenizer, prefix, split, 0)
+    if first is None:
+        return None
+    epochs = [first] + [_one_epoch(cfg, tokenizer, prefix, split, e)
+                        for e in range(1, max(1, math.ceil(samples / len(first))))]
+    return Epochs(epochs)
+
+
+def _one_epoch(cfg: TrainConfig, tokenizer: TokenizerInfo, prefix: str, split: int, epoch: int):
+    """One pass over a component's split, shuffled for `epoch` (megatron caches its indices; rank 0
+    builds them first and synchronises the others itself)."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
     config = GPTDatasetConfig(
-        random_seed=cfg.run.seed, sequence_length=cfg.data.seq_length, blend=(prefixes, weights),
-        split=cfg.data.split, tokenizer=tokenizer, reset_position_ids=False, reset_attention_mask=False,
-        eod_mask_loss=False, create_attention_mask=False, path_to_cache=str(Path(cfg.run.output_dir) / "data_cache"),
-        mid_level_dataset_surplus=0.005,
+        random_seed=cfg.run.seed + epoch * EPOCH_SEED_STRIDE, sequence_length=cfg.data.seq_length,
+        blend=([prefix], None), split=cfg.data.split, tokenizer=tokenizer, reset_position_ids=False,
+        reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False,
+        path_to_cache=str(Path(cfg.run.output_dir) / "data_cache"),
     )
-    train, valid, _ = BlendedMegatronDatasetBuilder(GPTDataset, [train_samples, valid_samples, 0],
-                                                    lambda: True, config).build()
-    return train, valid
+    sizes = [None if s == split else 0 for s in range(3)]
+    datasets = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
+    dataset = datasets[split]
+    return dataset if dataset is not None and len(dataset) > 0 else None
 
 
 def micro_batches(dataset, first_sample: int, global_batch: int, micro_batch: int, dp_rank: int,

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from ..console import quiet_third_party
 from ..errors import UserError
 from .config import TrainConfig
+from .preflight import check_runtime, preflight
 from .watchdog import StallWatch
 
 
@@ -34,6 +35,7 @@ class Preempted(Exception):
 def prepare_checkpoints(cfg: TrainConfig, run_dir: Path) -> tuple[Path, Path | None]:
     """Relaxed student init and (for KD) the teacher as a 1-loop model: the source itself, exactly."""
     from ..hf.convert import RecursionSpec, convert_to_relaxed
+    from .rundir import check_recipe, recipe, record_recipe
 
     r = cfg.model.recursion
     student = Path(cfg.model.relaxed) if cfg.model.relaxed else run_dir / "init" / "student"
@@ -42,15 +44,23 @@ def prepare_checkpoints(cfg: TrainConfig, run_dir: Path) -> tuple[Path, Path | N
 
     def convert() -> None:
         source = cfg.model.source or None  # a folder, a hub id or builtin:smollm2-135m (hf.checkpoint)
-        if not cfg.model.relaxed and not (student / "config.json").is_file():
-            spec = RecursionSpec(loops=r.loops, strategy=r.strategy, init=r.init, rank=r.rank, lora_init=r.lora_init,
-                                 share_norms=r.share_norms, share_biases=r.share_biases)
-            convert_to_relaxed(source, student, spec, dtype=dtype, overwrite=True)
-        if teacher is not None and not (teacher / "config.json").is_file():
+        if not cfg.model.relaxed:
+            if (student / "config.json").is_file():
+                check_recipe(student, recipe(cfg, "student"))
+            else:
+                spec = RecursionSpec(loops=r.loops, strategy=r.strategy, init=r.init, rank=r.rank,
+                                     lora_init=r.lora_init, share_norms=r.share_norms, share_biases=r.share_biases)
+                convert_to_relaxed(source, student, spec, dtype=dtype, overwrite=True)
+                record_recipe(student, recipe(cfg, "student"))
+        if teacher is not None:
             if not source:
                 raise UserError("kd.enabled needs model.source (the teacher)")
-            convert_to_relaxed(source, teacher, RecursionSpec(loops=1, init="lower", rank=0), dtype=dtype,
-                               overwrite=True, progress=False)
+            if (teacher / "config.json").is_file():
+                check_recipe(teacher, recipe(cfg, "teacher"))
+            else:
+                convert_to_relaxed(source, teacher, RecursionSpec(loops=1, init="lower", rank=0), dtype=dtype,
+                                   overwrite=True, progress=False)
+                record_recipe(teacher, recipe(cfg, "teacher"))
 
     on_rank0(convert, cfg.model.convert_timeout_min * 60)
     return student, teacher
@@ -100,8 +110,7 @@ def build_data(cfg: TrainConfig, student_dir: Path):
     eos = hf.get("eos_token_id")
     info = TokenizerInfo(vocab_size=hf["vocab_size"], eod=eos[0] if isinstance(eos, list) else eos)
     train_samples = cfg.optim.train_steps * cfg.optim.global_batch_size
-    valid_samples = max(1, (cfg.optim.train_steps // max(1, cfg.eval.every) + 1) * cfg.eval.batches
-                        * cfg.optim.global_batch_size)
+    valid_samples = cfg.eval.batches * cfg.optim.global_batch_size  # every evaluation reads the same batches
     # megatron's builder lets rank 0 build the index caches first and synchronises the others itself
     return build_datasets(cfg, info, train_samples, valid_samples)
 
@@ -185,23 +194,36 @@ def train(cfg: TrainConfig, hooks=None) -> list[dict]:
     """Runs (or resumes) the configured uptraining; a stop signal ends it with Preempted after a
     checkpoint. hooks: trainer.Hooks."""
     quiet_third_party()  # before megatron is imported; also in processes spawned without the CLI (demo's)
-    from ..parallel.distributed import collective_timeout, init_distributed
+    from ..parallel.distributed import init_distributed
     from ..parallel.process import children_die_with_this_process, die_with_parent
     from ..parallel.torchrun import AGENT_PID_ENV
-    from .checkpoints import CheckpointManager
+    from .rundir import RunLock
     from .stops import StopSignals
-    from .trainer import Trainer
 
     if os.environ.get(AGENT_PID_ENV):  # started by torchrun: never outlive it
         die_with_parent(int(os.environ[AGENT_PID_ENV]))
     children_die_with_this_process()
-    signals = StopSignals()
-    signals.install()  # before the slow setup, and before any helper process or thread starts
+    signals = StopSignals.for_this_process()  # before the slow setup, and before any helper starts
     init_distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.run.seed)
     cfg.validate(dist.get_world_size())
+    check_runtime(cfg)  # every rank: its own GPU
+    on_rank0(lambda: preflight(cfg, dist.get_world_size()))  # before anything is written or converted
     run_dir = Path(cfg.run.output_dir)
+    lock = RunLock(run_dir)
+    on_rank0(lock.acquire)
+    try:
+        return _train(cfg, run_dir, signals, hooks)
+    finally:
+        lock.release()
+
+
+def _train(cfg: TrainConfig, run_dir: Path, signals, hooks) -> list[dict]:
+    from ..model.checkpoint import incomplete
+    from ..parallel.distributed import collective_timeout
+    from .checkpoints import CheckpointManager
+    from .trainer import Trainer
+
     if dist.get_rank() == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1, default=str))
     check_eval_tasks(cfg)
     check_data(cfg)  # before the conversion, which can take hours
@@ -212,7 +234,9 @@ def train(cfg: TrainConfig, hooks=None) -> list[dict]:
     trainer.setup(train_ds, valid_ds)
     checkpoints = CheckpointManager(run_dir / "checkpoints", cfg.checkpoint.keep_last, trainer.hooks)
     resume = cfg.checkpoint.resume
-    latest = checkpoints.latest() if resume == "auto" else (Path(resume) if resume not in ("none", "") else None)
+    latest = checkpoints.resume_point() if resume == "auto" else (Path(resume) if resume not in ("none", "") else None)
+    if latest is not None and resume != "auto" and incomplete(latest) is not None:
+        raise UserError(f"checkpoint.resume={resume}: {incomplete(latest)}; name a complete step folder")
     if latest is not None:
         checkpoints.load(trainer, latest)
         if dist.get_rank() == 0:

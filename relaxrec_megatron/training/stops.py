@@ -26,6 +26,17 @@ GRACE_S = 2.0  # a launcher's forwarded copy of the same Ctrl-C arrives well wit
 
 
 class StopSignals:
+    _installed: "StopSignals | None" = None
+
+    @classmethod
+    def for_this_process(cls) -> "StopSignals":
+        """The process's one instance, installed on first use (the train command does so before its
+        heavy imports, so that a stop during start-up is noted too)."""
+        if cls._installed is None:
+            cls._installed = cls()
+            cls._installed.install()
+        return cls._installed
+
     def __init__(self):
         self.received: str | None = None
         self.phase = "start-up"  # what the run is doing, e.g. "step 12" (training.run keeps it current)

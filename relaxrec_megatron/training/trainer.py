@@ -318,9 +318,13 @@ class Trainer:
                    if torch.is_tensor(t) and t.dim() > 0)
 
     # -- what a checkpoint keeps besides the weights and the optimizer (training.checkpoints) ---------
+    def layout(self) -> dict:
+        p = self.cfg.parallel
+        return {"tp": p.tp, "pp": p.pp, "dp": self.dp, "zero_stage": p.zero_stage}
+
     def state(self) -> dict:
         return {"step": self.step, "consumed": self.consumed, "skipped": self.skipped,
-                "nonfinite_in_a_row": self.nonfinite_in_a_row, "config": asdict(self.cfg)}
+                "nonfinite_in_a_row": self.nonfinite_in_a_row, "layout": self.layout(), "config": asdict(self.cfg)}
 
     def restore(self, state: dict) -> None:
         self.step, self.consumed = state["step"], state["consumed"]
