@@ -130,3 +130,17 @@ def test_console_script_error_is_one_line(tiny_dirs, tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [
         "relaxrec convert: error: loops=3 does not divide the source's 4 layers; choose one of [1, 2, 4]"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma", "gpt_neox"])
+def test_convert_rank_full_is_the_source_exactly_on_every_architecture(tiny_dirs, tmp_path, capsys, arch):
+    """--rank full alone keeps each layer's norms and biases (and says so): the logits are the source's."""
+    import torch
+
+    assert main(["convert", str(tiny_dirs[arch]), str(tmp_path / "rel"), "--rank", "full"]) == 0
+    assert "--rank full: every unrolled layer keeps its own norms and biases" in capsys.readouterr().err
+    ids = torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(tiny_dirs[arch], dtype=torch.float32)(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(tmp_path / "rel", dtype=torch.float32)(ids).logits
+    assert (ref - got).abs().max().item() <= 1e-4

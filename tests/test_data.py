@@ -152,7 +152,7 @@ def test_stats_and_the_epochs_a_run_reads(tokenizer_dir, tmp_path, capsys):
                         f"run: {{output_dir: {tmp_path / 'run'}}}\n")
     cfg = load_config(cfg_path)
     train, _ = build_datasets(cfg, TokenizerInfo(49152, 0), 200, 4)
-    gpt = train if not hasattr(train, "datasets") else train.datasets[0]
+    gpt = train.epochs[0]  # one pass over the component: a megatron GPTDataset
     assert Counts.train_tokens(shards[0], "80,20,0") == gpt._get_num_tokens_per_epoch()
 
     capsys.readouterr()

@@ -3,6 +3,7 @@ they score (relaxed, vanilla, Megatron checkpoints), against the source model an
 
 import json
 import math
+import os
 import re
 import shutil
 from pathlib import Path
@@ -18,6 +19,7 @@ from relaxrec_megatron.data.pydoc_text import pydoc_topics
 from relaxrec_megatron.evaluation.ppl import token_nlls, windows
 from relaxrec_megatron.hf.convert import RecursionSpec, convert_to_relaxed
 from relaxrec_megatron.hf.smollm import smollm_checkpoint
+from relaxrec_megatron.model.checkpoint import write_manifest
 from relaxrec_megatron.model.convert_megatron import relaxed_to_megatron
 
 
@@ -80,6 +82,7 @@ def test_megatron_checkpoints_score_as_their_hf_export(models, tmp_path):
     for f in (step / "model").glob("tokenizer*"):
         f.unlink()
     (step / "trainer_state.json").write_text("{}")
+    write_manifest(step)  # complete, as the trainer leaves it
     (run / "checkpoints" / "latest").write_text(step.name)
     shutil.copytree(models / "r4", run / "init" / "student")
     refs = [str(models / "r4"), str(models / "megatron"), str(step), str(run / "checkpoints")]
@@ -364,3 +367,30 @@ def test_eval_exits_calibrates_and_serving_reads_it(models, tmp_path, capsys):
     assert "needs an exit rule" in run_error(capsys, ["generate", str(model), "Hi", "--threshold", "auto"])
     assert "not a relaxed recursive checkpoint" in run_error(
         capsys, ["eval", "exits", str(models / "src"), "--data", str(data)])
+
+
+@pytest.mark.slow
+def test_lm_evals_own_cli_runs_the_shipped_tasks_from_any_folder(models, tmp_path, capsys):
+    """`lm_eval` itself, from a folder of its own, with the include path `relaxrec eval include-path`
+    prints: the same accuracy as `relaxrec eval tasks` on the same model."""
+    import subprocess
+    import sys
+
+    assert main(["eval", "include-path"]) == 0
+    include = capsys.readouterr().out.strip()
+    model = str(models / "r4")
+    ours = eval_json(["eval", "tasks", model, "--tasks", "local", "--limit", "8", "--batch-size", "4"],
+                     tmp_path / "ours.json")["models"][model]["results"]
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    lm_eval = Path(sys.executable).parent / "lm_eval"
+    out = subprocess.run([str(lm_eval), "--model", "hf", "--model_args",
+                          f"pretrained={model},trust_remote_code=True,dtype=float32", "--tasks",
+                          "relaxrec_pydoc_lastword,relaxrec_pydoc_continuation", "--include_path", include,
+                          "--limit", "8", "--batch_size", "4", "--device", "cpu", "--output_path", str(cwd / "out")],
+                         cwd=cwd, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    theirs = json.loads(next((cwd / "out").rglob("results_*.json")).read_text())["results"]
+    for task in ("relaxrec_pydoc_lastword", "relaxrec_pydoc_continuation"):
+        assert theirs[task]["acc,none"] == ours[task]["acc"], task

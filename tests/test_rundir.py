@@ -229,3 +229,24 @@ def _cmd(proc: Path) -> str:
         return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:
         return ""
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(job, tmp_path):
+    """checkpoints/ on a small tmpfs that holds one checkpoint, not two."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        run_dir = tmp_path / "run"
+        run_dir.mkdir()
+        (run_dir / "checkpoints").symlink_to(mount)
+        out = train(job, "unused", f"run.output_dir={run_dir}", "optim.train_steps=6", "checkpoint.keep_last=3")
+        assert out.returncode == 2, out.stderr[-3000:]
+        line = out.stderr.strip().splitlines()[-1]
+        assert line.startswith(f"relaxrec train: error: saving {run_dir / 'checkpoints'}/step_0000000") and \
+            "failed on rank 0: No space left on device" in line and "is intact" in line, line
+        kept = step_folders(mount)
+        assert kept and all(latest_checkpoint(mount) == kept[0] for _ in [0])  # only complete folders remain
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True)

@@ -38,6 +38,11 @@ def add_parser(sub) -> None:
                    help="a folder of task YAMLs in the harness's format (repeatable)")
     t.add_argument("--output", default="outputs/eval/tasks.json", help="results and per-sample loglikelihoods")
     t.set_defaults(run=run_tasks)
+    i = targets.add_parser("include-path", help="print the shipped tasks' folder, for lm_eval --include_path",
+                           description="The folder of the offline tasks relaxrec ships (relaxrec_pydoc_lastword, "
+                                       "relaxrec_pydoc_continuation): lm-evaluation-harness's own CLI runs them "
+                                       "from any working directory with --include_path $(relaxrec eval include-path).")
+    i.set_defaults(run=lambda args: print(_tasks_folder()) or 0)
     q = targets.add_parser("ppl", help="perplexity on a text corpus, sliding window")
     _common(q)
     _corpus_args(q)
@@ -96,6 +101,12 @@ def _task_list(text: str) -> list[str]:
     if not tasks:
         raise UserError("--tasks is empty")
     return list(dict.fromkeys(tasks))
+
+
+def _tasks_folder() -> Path:
+    from ..evaluation.local_tasks import task_folder
+
+    return task_folder()
 
 
 def run_tasks(args) -> int:

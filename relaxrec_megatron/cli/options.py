@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import json
 from pathlib import Path
 
@@ -49,17 +50,27 @@ def add_recursion_args(p: argparse.ArgumentParser, rank_help: str = "LoRA rank f
                    help="per-module rank override, repeatable (e.g. --module-rank down=128)")
     g.add_argument("--lora-init", choices=[m.value for m in LoraInit], default="svd")
     g.add_argument("--targets", type=parse_targets, default=None, help=f"comma list of LoRA targets (default: all of {','.join(LINEARS)} the model has)")
-    g.add_argument("--per-layer-norms", action="store_true", help="keep every unrolled layer's own norm weights")
-    g.add_argument("--per-layer-biases", action="store_true", help="keep every unrolled layer's own linear biases")
+    g.add_argument("--per-layer-norms", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep every unrolled layer's own norm weights (default: with --rank full, so that it is "
+                        "the source exactly; shared otherwise)")
+    g.add_argument("--per-layer-biases", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep every unrolled layer's own linear biases (default: as --per-layer-norms)")
 
 
 def recursion_spec(args: argparse.Namespace, rank: int) -> RecursionSpec:
     if args.loops < 1:
         raise UserError(f"--loops must be >= 1, got {args.loops}")
+    # full rank on every linear is the source exactly only with each layer's own norms and biases
+    full = rank == -1 and not args.module_rank and args.targets is None
+    norms = full if args.per_layer_norms is None else args.per_layer_norms
+    biases = full if args.per_layer_biases is None else args.per_layer_biases
+    if full and (args.per_layer_norms is None or args.per_layer_biases is None) and args.command == "convert" \
+            and not getattr(args, "quiet", False):
+        print("[convert] --rank full: every unrolled layer keeps its own norms and biases, so the result is the "
+              "source exactly (--no-per-layer-norms --no-per-layer-biases share them)", file=sys.stderr)
     return RecursionSpec(
         loops=args.loops, strategy=args.strategy, init=args.init, rank=rank, module_ranks=dict(args.module_rank),
-        lora_init=args.lora_init, targets=args.targets, share_norms=not args.per_layer_norms,
-        share_biases=not args.per_layer_biases,
+        lora_init=args.lora_init, targets=args.targets, share_norms=not norms, share_biases=not biases,
     )
 
 

@@ -8,9 +8,9 @@ Two tasks, both from the held-out pydoc topics (`data.pydoc_text`, which the dem
   sentences: the true one and three from other topics of similar length (multiple choice).
 
 The topics repeat some passages of the training topics; samples from those are left out. The jsonl
-files ship beside the YAMLs (`tasks/`); `tools/make_local_tasks.py` rebuilds them. The harness
-resolves a YAML's `data_files` against the working directory, so `task_folder` writes the YAMLs with
-absolute paths into a cache folder that `--include_path` can take.
+files ship beside the YAMLs (`tasks/`); `tools/make_local_tasks.py` rebuilds them. The YAMLs load
+them through `tasks/relaxrec_tasks.py` (their `custom_dataset`), relative to the file, not to the
+working directory, so `lm_eval --include_path <tasks>` runs them from anywhere.
 """
 
 from __future__ import annotations
@@ -103,29 +103,6 @@ def continuation_samples(texts: list[str], seed: int = 0, choices: int = 4, excl
 
 
 def task_folder() -> Path:
-    """The shipped task YAMLs with their jsonl paths made absolute, in a cache folder (an include path);
-    written once per version of the shipped files."""
-    import hashlib
-    import os
-    import shutil
-
-    from ..hf.smollm import cache_dir
-
-    sources = sorted(TASKS_DIR.glob("*.yaml"))
-    digest = hashlib.sha256(str(TASKS_DIR).encode() + b"".join(f.read_bytes() for f in sources)).hexdigest()[:16]
-    dest = cache_dir() / "eval-tasks" / digest
-    if dest.is_dir():
-        return dest
-    tmp = dest.with_name(f".{digest}.tmp-{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    for src in sources:
-        cfg = yaml.safe_load(src.read_text())
-        files = cfg.get("dataset_kwargs", {}).get("data_files", {})
-        for split, name in files.items():
-            files[split] = str(TASKS_DIR / name)
-        (tmp / src.name).write_text(yaml.safe_dump(cfg, sort_keys=False))
-    try:
-        os.rename(tmp, dest)
-    except OSError:  # another process wrote it first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+    """The shipped tasks' folder: an include path for relaxrec and for lm-eval's own CLI alike (their
+    YAMLs read the jsonl files beside them through relaxrec_tasks.py, from any working directory)."""
+    return TASKS_DIR

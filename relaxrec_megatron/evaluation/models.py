@@ -42,12 +42,12 @@ def megatron_checkpoint(path: Path) -> Path | None:
         return path
     if (path / "model" / CONFIG_FILE).is_file():  # a training checkpoint step_N/
         return path / "model"
-    if (path / "latest").is_file():  # a run's checkpoints/ folder
-        from ..model.checkpoint import latest_checkpoint
+    from ..model.checkpoint import latest_checkpoint, step_folders
 
+    if (path / "latest").is_file() or step_folders(path):  # a run's checkpoints/ folder
         step = latest_checkpoint(path)
         if step is None:
-            raise UserError(f"{path}: 'latest' names no complete checkpoint")
+            raise UserError(f"{path}: none of its step folders is a complete checkpoint (manifest.json)")
         return step / "model"
     return None
 

@@ -70,10 +70,13 @@ class CheckpointManager:
                 trainer.engine.save_checkpoint(str(folder / "optimizer"), tag="state", save_latest=False,
                                                exclude_frozen_parameters=True)
             torch.save(rng_state(), folder / f"rng_rank{dist.get_rank()}.pt")
-        except OSError as e:  # a full disk, a read-only folder: this rank's one line
-            raise UserError(f"saving {folder} failed on rank {dist.get_rank()}: {e.strerror or e} ({e.filename or folder}); "
-                            f"a checkpoint needs about {_bytes_of(self.latest()) or 'its'} bytes; the previous "
-                            "checkpoint is intact") from None
+        except OSError as e:  # a full disk, a read-only folder: this rank's one line, and no half checkpoint
+            shutil.rmtree(folder, ignore_errors=True)
+            previous = self.latest()
+            need = f"about {_bytes_of(previous) / 1e6:,.1f} MB" if previous else "room for a checkpoint"
+            raise UserError(f"saving {folder} failed on rank {dist.get_rank()}: {e.strerror or e} "
+                            f"({e.filename or folder}); a checkpoint needs {need}; "
+                            f"{f'{previous} is intact' if previous else 'no earlier checkpoint'}") from None
         dist.barrier()
         if rank0:
             (folder / STATE_FILE).write_text(json.dumps(trainer.state(), indent=1, default=str))
