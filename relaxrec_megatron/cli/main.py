@@ -7,7 +7,7 @@ import os
 import sys
 
 from ..console import quiet_third_party
-from ..errors import UserError
+from ..errors import RankError, UserError
 from . import bench, compare, convert, data, demo, evaluate, export, generate, params, plan, train
 
 COMMANDS = {"convert": convert, "export": export, "params": params, "data": data, "train": train, "eval": evaluate,
@@ -31,8 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     quiet_third_party()
     try:
         return int(args.run(args) or 0)
-    except UserError as e:  # every rank of a run raises it; rank 0 says it
-        if os.environ.get("RANK", "0") == "0":
+    except UserError as e:  # every rank of a run raises a UserError, and rank 0 says it; a RankError its rank
+        if os.environ.get("RANK", "0") == "0" or isinstance(e, RankError):
             print(f"relaxrec {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from ..errors import UserError
+from ..errors import RankError, UserError
 from ..files import write_text
 from ..model.checkpoint import LATEST_FILE, STATE_FILE, incomplete, latest_checkpoint, step_folders, write_manifest
 
@@ -70,12 +71,15 @@ class CheckpointManager:
                 trainer.engine.save_checkpoint(str(folder / "optimizer"), tag="state", save_latest=False,
                                                exclude_frozen_parameters=True)
             torch.save(rng_state(), folder / f"rng_rank{dist.get_rank()}.pt")
-        except OSError as e:  # a full disk, a read-only folder: this rank's one line, and no half checkpoint
+        except (OSError, RuntimeError) as e:  # a full disk, a read-only folder: this rank's one line, no half checkpoint
+            why = e if isinstance(e, OSError) else _disk_trouble(folder)  # torch.save reports ENOSPC as RuntimeError
+            if why is None:
+                raise
             shutil.rmtree(folder, ignore_errors=True)
             previous = self.latest()
             need = f"about {_bytes_of(previous) / 1e6:,.1f} MB" if previous else "room for a checkpoint"
-            raise UserError(f"saving {folder} failed on rank {dist.get_rank()}: {e.strerror or e} "
-                            f"({e.filename or folder}); a checkpoint needs {need}; "
+            raise RankError(f"saving {folder} failed on rank {dist.get_rank()}: {why.strerror or why} "
+                            f"({why.filename or folder}); a checkpoint needs {need}; "
                             f"{f'{previous} is intact' if previous else 'no earlier checkpoint'}") from None
         dist.barrier()
         if rank0:
@@ -129,6 +133,22 @@ def _optimizer_state_only(engine):
         yield
     finally:
         del engine.module_state_dict
+
+
+def _disk_trouble(folder: Path) -> OSError | None:
+    """The OSError that writing a megabyte beside `folder` meets now (a full disk, a read-only
+    folder), or None when the disk takes it."""
+    probe = folder.parent / f".write-probe-{dist.get_rank()}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0" * (1 << 20))
+            f.flush()
+            os.fsync(f.fileno())
+        return None
+    except OSError as e:
+        return e
+    finally:
+        probe.unlink(missing_ok=True)
 
 
 def _bytes_of(folder: Path | None) -> int:

@@ -281,10 +281,10 @@ def _train(cfg: TrainConfig, run_dir: Path, signals, hooks) -> list[dict]:
                 if not save:  # sent during the evaluation; one sent during a save stops with that checkpoint
                     with phase("save of step", trainer.step):
                         checkpoints.save(trainer)
-    finally:  # a failing step keeps the records of the steps before it
+    finally:  # a failing step keeps the records of the steps before it, and its error is the last line
         watch.close()
         logger.flush()
-    bar.close()
+        bar.close()
     final = trainer.step >= cfg.optim.train_steps
     if trainer.stop_requested and (not final or cfg.eval.tasks):  # a stop at the last step is the end, but
         logger.close()                                              # for the scoring, which the relaunch does
