@@ -165,7 +165,7 @@ def _port() -> int:
 
 @pytest.fixture(scope="module")
 def straight(job) -> list[float]:
-    out = train(job, "straight-single", "eval.every=2", "eval.batches=60")
+    out = train(job, "straight-single", "eval.every=2", "eval.batches=30")
     assert out.returncode == 0, out.stderr[-2000:]
     return losses_of(job / "straight-single")
 
@@ -184,7 +184,7 @@ def _in_flight(ckpts: Path, step: int) -> bool:
     return folder.is_dir() and not (folder / MANIFEST_FILE).exists()
 
 
-# when to stop a 6-step run that saves every 2 steps and evaluates 60 batches every 2 steps
+# when to stop a 6-step run that saves every 2 steps and evaluates 30 batches every 2 steps
 PHASES = {
     "start-up": lambda run_dir: True,  # as soon as the process runs: imports, conversion, data, model build
     "evaluation": lambda run_dir: (run_dir / "metrics.jsonl").is_file()
@@ -200,7 +200,7 @@ def test_a_stop_in_any_phase_sent_to_every_process_twice_loses_nothing(job, stra
     uninterrupted run's."""
     run = f"stop-{phase.replace(' ', '-')}"
     run_dir = job / run
-    proc = train(job, run, "eval.every=2", "eval.batches=60", wait=False)
+    proc = train(job, run, "eval.every=2", "eval.batches=30", wait=False)
     end = time.time() + 120
     while not PHASES[phase](run_dir):
         assert proc.poll() is None and time.time() < end, f"{phase} never came"
@@ -217,7 +217,7 @@ def test_a_stop_in_any_phase_sent_to_every_process_twice_loses_nothing(job, stra
         assert proc.returncode == 75, console[-3000:]
         assert f"[train] stopped by SIGUSR1 (sent during {'start-up' if phase == 'start-up' else 'the evaluation'}" \
             in console, console[-3000:]
-        again = train(job, run, "eval.every=2", "eval.batches=60")
+        again = train(job, run, "eval.every=2", "eval.batches=30")
         assert again.returncode == 0, again.stderr[-3000:]
     assert latest_checkpoint(run_dir / "checkpoints").name == "step_00000006"
     assert losses_of(run_dir) == straight

@@ -3,11 +3,18 @@
     python -m relaxrec_megatron.parallel.torchrun [torchrun options] -m relaxrec_megatron.cli.main train ...
 
 It is torchrun (`torch.distributed.run`) itself, given SIGUSR1 and SIGUSR2 to forward besides its
-defaults. When torchrun forwards a stop signal, it waits `--shutdown-timeout` seconds for the
-workers and then raises, so how they ended is lost with a traceback. The trainer's local rank 0
-writes its stop line to the file named by RELAXREC_STOP_FILE once every rank has saved; this
-wrapper prints that line and exits with EXIT_REQUEUE. Without a stop line, torchrun's own outcome
-(and report) stands.
+defaults, with three additions:
+- before any worker starts, a `relaxrec train` command's settings are checked
+  (training.preflight): a bad one ends the launch with its one line and exit 2, instead of a
+  traceback per worker and a restart per MAX_RESTARTS;
+- when torchrun forwards a stop signal, it waits `--shutdown-timeout` seconds for the workers and
+  then raises, so how they ended is lost with a traceback. The trainer's local rank 0 writes its
+  stop line to the file named by RELAXREC_STOP_FILE once every rank has saved; this wrapper prints
+  that line and exits with EXIT_REQUEUE (also when the workers had not saved yet: the last
+  complete checkpoint stands). Workers that all exited 2 (a UserError, said by rank 0) end it with
+  2. Otherwise torchrun's own outcome (and report) stands;
+- the workers learn the agent's PID (RELAXREC_AGENT_PID), so that they die with it
+  (parallel.process), and options this torchrun does not know are dropped, saying so.
 """
 
 from __future__ import annotations
