@@ -8,9 +8,13 @@ transformers' modeling code. Relaxed checkpoints also carry the model as remote 
 `trust_remote_code=True` loads without this package.
 """
 
-from transformers import AutoConfig
+from .startup import hold_stop_signals_if_training
 
-from .hf.configuration_relaxrec import RelaxedRecursiveConfig
+hold_stop_signals_if_training()  # before the imports that take seconds
+
+from transformers import AutoConfig  # noqa: E402
+
+from .hf.configuration_relaxrec import RelaxedRecursiveConfig  # noqa: E402
 
 __version__ = "0.1.0"
 

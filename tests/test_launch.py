@@ -14,6 +14,7 @@ import pytest
 from relaxrec_megatron.errors import EXIT_REQUEUE
 from relaxrec_megatron.parallel.distributed import free_port
 from relaxrec_megatron.model.checkpoint import latest_checkpoint
+from procs import cmdline, processes_of
 from tiny import save_run_config, save_token_corpus
 
 ROOT = Path(__file__).parents[1]
@@ -86,29 +87,13 @@ def wait_for_step(launch: Launch, run_dir: Path, step: int, timeout: float = 300
         time.sleep(0.05)
 
 
-def processes_of(run_dir: Path) -> list[str]:
-    """Command lines of live processes that name the run's folder (agents, workers, helpers)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if f"run.output_dir={run_dir} " in cmd + " " and proc.name.isdigit():
-            found.append(cmd)
-    return found
-
-
 def agent_and_workers(run_dir: Path) -> tuple[int, dict[int, int]]:
     """The torchrun agent's pid and its workers' {LOCAL_RANK: pid}."""
     agent, workers = None, {}
     for proc in Path("/proc").iterdir():
-        try:
-            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            if f"run.output_dir={run_dir} " in cmd + " " and "parallel.torchrun" in cmd:
-                agent = int(proc.name)
-        except (OSError, ValueError):
-            continue
+        cmd = cmdline(proc.name) if proc.name.isdigit() else ""
+        if f"run.output_dir={run_dir} " in cmd + " " and "parallel.torchrun" in cmd:
+            agent = int(proc.name)
     for proc in Path("/proc").iterdir():
         try:
             ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
@@ -300,6 +285,21 @@ def test_two_agents_meet_by_rendezvous_and_train_like_one_agent_with_two_process
         assert agent.wait() == 0, agent.console()
     assert losses(run_dir) == straight
     assert latest_checkpoint(run_dir / "checkpoints").name == f"step_{STEPS:08d}"
+
+
+@pytest.mark.parametrize("argv, held", [
+    (["python", "-u", "-m", "relaxrec_megatron.cli.main", "train", "--config", "c.yaml"], True),  # torchrun's workers
+    (["/venv/bin/python", "/venv/bin/relaxrec", "train", "x=1"], True),  # the console script
+    (["python", "/venv/bin/relaxrec", "train", "--print-config"], False),
+    (["python", "-m", "relaxrec_megatron.cli.main", "eval", "tasks"], False),
+    (["python", "train.py", "train"], False),  # a user's own script that imports the package
+    (["python", "-c", "import relaxrec_megatron"], False),
+    (["python"], False),
+])
+def test_only_the_train_command_holds_its_stop_signals_from_the_first_import(argv, held):
+    from relaxrec_megatron.startup import is_train_command
+
+    assert is_train_command(argv) is held
 
 
 def test_slurm_dry_run_prints_the_exact_commands(tmp_path):

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from relaxrec_megatron.model.checkpoint import MANIFEST_FILE, latest_checkpoint
+from procs import cmdline, processes_of
 from slurm_cluster import Cluster, missing
 from tiny import save_run_config, save_token_corpus
 
@@ -88,23 +89,9 @@ def wait_for(predicate, what: str, timeout: float = 120, poll: float = 0.02) -> 
 
 def assert_nothing_left(cluster: Cluster, run_dir: Path) -> None:
     time.sleep(1)
-    left = {pid: _cmdline(pid) for pid in cluster._job_processes()}
+    left = {pid: cmdline(pid) for pid in cluster._job_processes()}
     assert left == {}
-    assert not [p for p in Path("/proc").iterdir() if p.name.isdigit() and _names(p, run_dir)]
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return "(gone)"
-
-
-def _names(proc: Path, run_dir: Path) -> bool:
-    try:
-        return f"run.output_dir={run_dir}" in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return False
+    assert processes_of(run_dir) == []
 
 
 @pytest.fixture(scope="module")

@@ -21,10 +21,7 @@ PR_SET_PDEATHSIG = 1
 def die_with_parent(expected_parent: int | None = None) -> bool:
     """True when the kernel will kill this process with its parent (Linux); exits if it is gone."""
     parent = os.getppid() if expected_parent is None else expected_parent
-    if not sys.platform.startswith("linux"):
-        return False
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+    if not sys.platform.startswith("linux") or not _tie_to_parent():
         return False
     if os.getppid() != parent:  # the parent died before the request: no signal will come
         print("[train] the launcher of this process is gone; stopping", file=sys.stderr, flush=True)
@@ -32,9 +29,9 @@ def die_with_parent(expected_parent: int | None = None) -> bool:
     return True
 
 
-def _tie_to_parent() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+def _tie_to_parent() -> bool:
+    """SIGKILL for this process when its parent exits; whether the kernel took the request."""
+    return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
 
 
 def children_die_with_this_process() -> None:

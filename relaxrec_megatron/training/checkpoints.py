@@ -95,7 +95,7 @@ class CheckpointManager:
 
         folder = Path(folder)
         state = json.loads((folder / STATE_FILE).read_text())
-        check_layout(state, trainer, folder)
+        check_saved_layout(state, trainer, folder)
         mckpt.load(trainer.student, trainer.settings, folder / "model")
         trainer.engine.load_checkpoint(str(folder / "optimizer"), tag="state", load_module_strict=False,
                                        load_optimizer_states=True, load_lr_scheduler_states=False,
@@ -112,7 +112,7 @@ class CheckpointManager:
                 shutil.rmtree(old, ignore_errors=True)
 
 
-def check_layout(state: dict, trainer, folder: Path) -> None:
+def check_saved_layout(state: dict, trainer, folder: Path) -> None:
     """ZeRO partitions the optimizer state by the data-parallel layout, so a checkpoint resumes on
     the layout that saved it (its weights load on any: relaxrec export, model.relaxed)."""
     saved = state.get("layout")

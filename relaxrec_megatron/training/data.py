@@ -50,20 +50,23 @@ class Epochs:
         return self.epochs[i // self.per_epoch][i % self.per_epoch]
 
 
+def blending_index(weights: list[float], size: int):
+    """(component, its sample) for samples 0..size-1: megatron's greedy blending index, which takes at
+    each k the component furthest below its share, so its first entries do not depend on `size`."""
+    import numpy as np
+
+    from megatron.core.datasets import helpers
+
+    index, sample = np.zeros(size, dtype=np.int16), np.zeros(size, dtype=np.int64)
+    helpers.build_blending_indices(index, sample, np.asarray(weights, dtype=np.float64), len(weights), size, False)
+    return index, sample
+
+
 class Blend:
-    """The components interleaved in proportion to their weights: sample k comes from the component
-    megatron's greedy blending index picks at k (the one furthest below its share)."""
+    """The components interleaved by a blending index."""
 
-    def __init__(self, components: list, weights: list[float], size: int):
-        import numpy as np
-
-        from megatron.core.datasets import helpers
-
-        self.components = components
-        self.index = np.zeros(size, dtype=np.int16)
-        self.sample = np.zeros(size, dtype=np.int64)
-        helpers.build_blending_indices(self.index, self.sample, np.asarray(weights, dtype=np.float64),
-                                       len(components), size, False)
+    def __init__(self, components: list, index, sample):
+        self.components, self.index, self.sample = components, index, sample
 
     def __len__(self) -> int:
         return len(self.index)
@@ -87,18 +90,16 @@ def build_datasets(cfg: TrainConfig, tokenizer: TokenizerInfo, train_samples: in
     weights = [w / sum(weights) for w in weights]
     out = []
     for split, wanted in ((0, train_samples), (1, valid_samples)):
-        if len(prefixes) == 1:
-            counts = [wanted]
-        else:  # how often the first `wanted` entries of the blending index take each component
-            probe = Blend([[None]] * len(prefixes), weights, wanted)
-            counts = np.bincount(probe.index, minlength=len(prefixes)).tolist()
+        index = sample = None
+        counts = [wanted]
+        if len(prefixes) > 1:  # each component is needed as often as the blending index takes it
+            index, sample = blending_index(weights, wanted)
+            counts = np.bincount(index, minlength=len(prefixes)).tolist()
         components = [_epochs(cfg, tokenizer, prefix, split, count) for prefix, count in zip(prefixes, counts)]
         if any(c is None for c in components):
             out.append(None)
-        elif len(components) == 1:
-            out.append(components[0])
         else:
-            out.append(Blend(components, weights, wanted))
+            out.append(components[0] if index is None else Blend(components, index, sample))
     return out[0], out[1]
 
 

@@ -84,11 +84,15 @@ def check_disk(cfg: TrainConfig, sizes) -> None:
                         "or choose another run.output_dir")
 
 
-def preflight(cfg: TrainConfig, world_size: int | None = None) -> dict:
-    """Checks 1-4; returns the student's relaxed config."""
-    cfg.validate(world_size)
-    check_runtime(cfg)
+def check_against_model(cfg: TrainConfig) -> None:
+    """Checks 3-4, from the student's config.json (no weights read)."""
     student_hf, sizes = student(cfg)
     check_layout(cfg, student_hf)
     check_disk(cfg, sizes)
-    return student_hf
+
+
+def preflight(cfg: TrainConfig, world_size: int | None = None) -> None:
+    """Checks 1-4."""
+    cfg.validate(world_size)
+    check_runtime(cfg)
+    check_against_model(cfg)

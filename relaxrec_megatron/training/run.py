@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from ..console import quiet_third_party
 from ..errors import UserError
 from .config import TrainConfig
-from .preflight import check_runtime, preflight
+from .preflight import check_against_model, check_runtime
 from .watchdog import StallWatch
 
 
@@ -207,7 +207,7 @@ def train(cfg: TrainConfig, hooks=None) -> list[dict]:
     init_distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.run.seed)
     cfg.validate(dist.get_world_size())
     check_runtime(cfg)  # every rank: its own GPU
-    on_rank0(lambda: preflight(cfg, dist.get_world_size()))  # before anything is written or converted
+    on_rank0(lambda: check_against_model(cfg))  # before anything is written or converted
     run_dir = Path(cfg.run.output_dir)
     lock = RunLock(run_dir)
     on_rank0(lock.acquire)

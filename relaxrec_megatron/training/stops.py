@@ -21,7 +21,8 @@ import sys
 import threading
 import time
 
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+from ..startup import STOP_SIGNALS as SIGNALS
+
 GRACE_S = 2.0  # a launcher's forwarded copy of the same Ctrl-C arrives well within this
 
 
@@ -30,8 +31,9 @@ class StopSignals:
 
     @classmethod
     def for_this_process(cls) -> "StopSignals":
-        """The process's one instance, installed on first use (the train command does so before its
-        heavy imports, so that a stop during start-up is noted too)."""
+        """The process's one instance, installed on first use. The train command holds the signals
+        from its first import (relaxrec_megatron.startup), so that a stop during start-up is noted
+        here too."""
         if cls._installed is None:
             cls._installed = cls()
             cls._installed.install()

@@ -110,6 +110,7 @@ class Trainer:
         self.nonfinite_in_a_row = 0
         self.skipped = 0
         self.history: list[dict] = []
+        self._state_bytes_seen = 0
 
     # -- setup ----------------------------------------------------------------------------------
     def setup(self, train_dataset, valid_dataset=None) -> None:
@@ -135,13 +136,11 @@ class Trainer:
         from .flops import peak_flops, train_flops_per_token
         from .grads import grad_contracts, mark_unique_for_norms, shared_layer_groups
         from .objective import Objective
-        from .precision import check_fp8_runtime, fp8_settings
+        from .precision import fp8_settings
 
         cfg, p = self.cfg, self.cfg.parallel
         dtype = DTYPES[cfg.model.dtype]
         layout = ParallelLayout(tp=p.tp, pp=p.pp, sequence_parallel=p.sequence_parallel, recompute=p.recompute)
-        if cfg.model.fp8:
-            check_fp8_runtime(cfg.model.fp8_recipe)
         reader = CheckpointReader(self.student_dir)
         self.settings = RelaxedSettings(reader.config, layout)
         self.student = build_model(self.settings, dtype, fp8=fp8_settings(cfg.model), init_weights=False)
@@ -307,7 +306,7 @@ class Trainer:
 
     def _state_bytes(self) -> int:
         """optimizer_state_bytes, walked once: Adam's state exists from the first update on and keeps its size."""
-        if not getattr(self, "_state_bytes_seen", 0):
+        if not self._state_bytes_seen:
             self._state_bytes_seen = self.optimizer_state_bytes()
         return self._state_bytes_seen
 

@@ -23,6 +23,7 @@ import torch.distributed as dist
 EXIT_STALLED = 3
 WARMUP_STEPS = 3
 KEY = "relaxrec/progress/{}"
+TICK_S = 1.0
 ANSWER_S = 3.0  # how long a rank that hit its limit waits for the others' watches to say they wait too
 
 
@@ -74,15 +75,21 @@ class StallWatch:
         self._stop.set()
 
     def _watch(self) -> None:
-        while not self._stop.wait(1.0):
+        last, paused, seen = time.monotonic(), 0.0, None
+        while not self._stop.wait(TICK_S):
+            now = time.monotonic()
             phase = self.phase
+            if phase is not seen:
+                seen, paused = phase, 0.0
+            paused += max(0.0, now - last - 2 * TICK_S)  # this process was stopped: its own delay, not the others'
+            last = now
             if phase is None:
                 continue
             what, step, started = phase
             limit = self.limit(what)
-            if limit is None or time.monotonic() - started <= limit:
+            if limit is None or now - started - paused <= limit:
                 continue
-            self._report(what, step, time.monotonic() - started, limit)
+            self._report(what, step, now - started, limit)
             os._exit(EXIT_STALLED)
 
     def _report(self, what: str, step: int, waited: float, limit: float) -> None:
@@ -99,7 +106,7 @@ class StallWatch:
             except Exception:
                 progress[r] = ("silent", "no report")
         waiting = [r for r, (state, _) in progress.items() if state == "waiting"]
-        if self.rank != min(waiting, default=self.rank):
+        if self.rank not in waiting or self.rank != min(waiting):  # the store is gone: another rank ended the run
             return
         behind = [r for r in range(self.world) if r not in waiting]
         who = ("; waiting for " + ", ".join(f"rank {r} ({progress[r][1]})" for r in behind)) if behind \
