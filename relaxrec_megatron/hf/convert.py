@@ -16,7 +16,8 @@ from ..recursion.lora import LoraInit, clip_rank, lora_factors
 from ..recursion.params import LayerShapes
 from .arch import ArchAdapter, adapter_for
 from ..files import atomic_output_dir
-from .checkpoint import CheckpointError, CheckpointReader, ShardedWriter, copy_side_files
+from .checkpoint import CheckpointError, CheckpointReader, ShardedWriter
+from .folder import write_hf_folder_files
 from .configuration_relaxrec import RelaxedRecursiveConfig
 from .layout import GLOBAL_PATHS, is_linear_weight, is_per_layer, layer_path, lora_paths
 
@@ -87,7 +88,6 @@ def relaxed_config(adapter: ArchAdapter, plan: SharingPlan, spec: RecursionSpec,
         source_model=source, source_model_type=adapter.cfg["model_type"], source_config=adapter.cfg,
         dtype=dtype,
     )
-    config.architectures = ["RelaxedRecursiveForCausalLM"]
     config.auto_map = {"AutoConfig": "configuration_relaxrec.RelaxedRecursiveConfig",
                        "AutoModelForCausalLM": "modeling_relaxrec.RelaxedRecursiveForCausalLM"}
     return config
@@ -162,11 +162,10 @@ def convert_to_relaxed(source: str, output: str | Path, spec: RecursionSpec, dty
             writer.write(f"model-layer-{k:05d}.safetensors", cast(out))
         bar.close()
         writer.finish()
-        config.save_pretrained(tmp)
+        write_hf_folder_files(tmp, json.loads(config.to_json_string()), reader.root)
         here = Path(__file__).parent
         for name in REMOTE_CODE:
             shutil.copy2(here / name, tmp / name)
-        copy_side_files(reader.root, tmp)
         report = {
             "metric": "||W - (W' + BA)||_F / ||W||_F per unrolled layer and module (fp32, before the cast to the output dtype)",
             "source": str(source), "loops": plan.num_loops, "strategy": plan.strategy.value, "init": spec.init.value,

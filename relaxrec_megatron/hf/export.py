@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -10,7 +9,8 @@ from tqdm.auto import tqdm
 
 from .arch import adapter_for
 from ..files import atomic_output_dir
-from .checkpoint import CheckpointError, CheckpointReader, ShardedWriter, copy_side_files
+from .checkpoint import CheckpointError, CheckpointReader, ShardedWriter
+from .folder import write_hf_folder_files
 from .convert import DTYPES
 from .layout import GLOBAL_PATHS, is_linear_weight, layer_path, lora_paths
 
@@ -62,8 +62,5 @@ def export_unrolled(relaxed: str | Path, output: str | Path, dtype: str = "auto"
             writer.write(f"model-layer-{l:05d}.safetensors", {n: t.to(out_dtype) for n, t in hf.items()})
         writer.finish()
         source_cfg["hidden_act"] = cfg["hidden_act"]  # the activation the relaxed model ran (see GemmaAdapter)
-        source_cfg["dtype"] = str(out_dtype).removeprefix("torch.")
-        source_cfg.pop("torch_dtype", None)
-        (tmp / "config.json").write_text(json.dumps(source_cfg, indent=2))
-        copy_side_files(reader.root, tmp)
+        write_hf_folder_files(tmp, source_cfg, reader.root, dtype=str(out_dtype))
     return Path(output)

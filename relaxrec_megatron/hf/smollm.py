@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import os
 from pathlib import Path
 
@@ -34,8 +33,10 @@ def cache_dir() -> Path:
 
 def smollm_checkpoint() -> Path:
     """An HF safetensors folder (fp32) made once from the GGUF file, reused afterwards."""
+    from .folder import GENERATION_FILE, write_hf_folder_files
+
     out = cache_dir() / "SmolLM2-135M-Instruct"
-    if (out / "config.json").is_file():
+    if (out / GENERATION_FILE).is_file():  # a folder made without it (no `architectures` either) is made again
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -45,13 +46,13 @@ def smollm_checkpoint() -> Path:
     # transformers marks GGUF-loaded models as quantized and refuses save_pretrained: write them by hand
     config = model.config.to_dict()
     config.pop("quantization_config", None)
-    config["dtype"] = "float32"
     tied = {"lm_head.weight"} if config.get("tie_word_embeddings") else set()
     state = {k: v.detach().float().contiguous().clone() for k, v in model.state_dict().items() if k not in tied}
     with atomic_output_dir(out, overwrite=True) as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
         tokenizer.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        write_hf_folder_files(tmp, config, None, dtype="float32")
     return out
 
 

@@ -16,6 +16,7 @@ import torch
 from ..files import atomic_output_dir
 from ..hf.checkpoint import CheckpointReader, ShardedWriter, copy_side_files
 from ..hf.convert import REMOTE_CODE, REPORT_FILE
+from ..hf.folder import write_hf_folder_files
 from ..hf.export import open_relaxed
 from ..parallel.distributed import single_process_group
 from .checkpoint import CONFIG_FILE, read_config
@@ -65,11 +66,10 @@ def megatron_to_relaxed(checkpoint: str | Path, output: str | Path, overwrite: b
         for shard, part in sorted(by_shard.items()):
             writer.write(f"model-{shard}.safetensors", part)
         writer.finish()
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        write_hf_folder_files(tmp, config, Path(checkpoint))
         here = Path(__file__).resolve().parents[1] / "hf"
         for name in REMOTE_CODE:
             shutil.copy2(here / name, tmp / name)
-        copy_side_files(Path(checkpoint), tmp)
         if (Path(checkpoint) / REPORT_FILE).is_file():
             shutil.copy2(Path(checkpoint) / REPORT_FILE, tmp / REPORT_FILE)
     CheckpointReader(output)  # the result must read back
