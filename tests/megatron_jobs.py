@@ -10,8 +10,8 @@ import torch.distributed as dist
 
 def _setup(relaxed_dir: Path, tp: int, pp: int, sp: bool = False, recompute: bool = False):
     from relaxrec_megatron.hf.checkpoint import CheckpointReader
-    from relaxrec_megatron.model.settings import ParallelLayout, RelaxedSettings
     from relaxrec_megatron.model.build import build_model
+    from relaxrec_megatron.model.settings import ParallelLayout, RelaxedSettings
     from relaxrec_megatron.parallel.distributed import init_distributed
 
     init_distributed(tp, pp)
@@ -55,9 +55,10 @@ def parity_job(cases: list[tuple[str, str]], tokens: torch.Tensor, layout: dict,
                exit_cases: list[dict] = ()) -> None:
     """For each (name, relaxed_dir): logits, and canonical gradients after one backward of the summed CE.
     Then each exit case: the trainer's objective and step on one micro-batch (exit_job)."""
+    from pipeline import batch_from_tokens, forward_backward
+
     from relaxrec_megatron.model.state_adapter import load_canonical
     from relaxrec_megatron.training.grads import finalize_grads, shared_layer_groups
-    from pipeline import batch_from_tokens, forward_backward
 
     out = Path(out_dir)
     for name, relaxed_dir in cases:
@@ -78,10 +79,11 @@ def exit_job(case: dict, tokens: torch.Tensor, layout: dict, out: Path) -> None:
     """The training objective with early exits (training.objective) through the trainer's step
     (training.step) on one micro-batch: its reports on the last stage, and the canonical gradients
     after the gradient contracts. case: name, student, teacher (or None), kd and exit config fields."""
-    from relaxrec_megatron.model.state_adapter import load_canonical
-    from relaxrec_megatron.training.grads import finalize_grads, shared_layer_groups
     from pipeline import batch_from_tokens
+
+    from relaxrec_megatron.model.state_adapter import load_canonical
     from relaxrec_megatron.training.config import ExitConfig, KDConfig
+    from relaxrec_megatron.training.grads import finalize_grads, shared_layer_groups
     from relaxrec_megatron.training.objective import Objective
     from relaxrec_megatron.training.step import forward_backward
 
@@ -90,8 +92,8 @@ def exit_job(case: dict, tokens: torch.Tensor, layout: dict, out: Path) -> None:
     teacher = None
     if case["teacher"]:  # in the same groups as the student
         from relaxrec_megatron.hf.checkpoint import CheckpointReader
-        from relaxrec_megatron.model.settings import RelaxedSettings
         from relaxrec_megatron.model.build import build_model
+        from relaxrec_megatron.model.settings import RelaxedSettings
 
         t_reader = CheckpointReader(case["teacher"])
         t_settings = RelaxedSettings(t_reader.config, settings.layout)
@@ -215,8 +217,9 @@ def allocations(trainer) -> dict:
 def fp8_context_job(relaxed_dir: str, tokens: torch.Tensor, out_path: str) -> None:
     """Records the layer numbers the decoder asks megatron's FP8 context for, in a forward and
     backward with recompute (which runs each layer's forward again inside backward)."""
-    from relaxrec_megatron.model import decoder
     from pipeline import batch_from_tokens, forward_backward
+
+    from relaxrec_megatron.model import decoder
 
     asked = []
     real = decoder.get_fp8_context
@@ -236,12 +239,12 @@ def te_parity_job(cases: list[tuple[str, str]], tokens: torch.Tensor, layout: di
     """Each case built twice in one world, with megatron's local linears and with the Transformer
     Engine ones (tests/te_standin.py in place of TE): logits and canonical gradients of both."""
     import te_standin
+    from pipeline import batch_from_tokens, forward_backward
 
     from relaxrec_megatron.model import decoder
     from relaxrec_megatron.model.build import build_model
     from relaxrec_megatron.model.state_adapter import load_canonical
     from relaxrec_megatron.training.grads import finalize_grads, shared_layer_groups
-    from pipeline import batch_from_tokens, forward_backward
 
     decoder.get_fp8_context = te_standin.install()
     for name, relaxed_dir in cases:
@@ -264,13 +267,13 @@ def te_fp8_job(relaxed_dir: str, tokens: torch.Tensor, layout: dict, out_path: s
     the weights jump between steps. Saves each shared linear's calls per step, and each step's logits
     next to those of a model built afresh with that step's weights (no FP8 cache to go stale)."""
     import te_standin
+    from pipeline import batch_from_tokens, forward_backward
 
     from relaxrec_megatron.model import decoder
     from relaxrec_megatron.model.build import build_model
     from relaxrec_megatron.model.state_adapter import load_canonical
-    from relaxrec_megatron.training.precision import fp8_settings
     from relaxrec_megatron.training.config import ModelConfig
-    from pipeline import batch_from_tokens, forward_backward
+    from relaxrec_megatron.training.precision import fp8_settings
 
     decoder.get_fp8_context = te_standin.install()
     reader, settings, _ = _setup(Path(relaxed_dir), **layout)
@@ -305,7 +308,6 @@ def te_row_lora_job(out_path: str) -> None:
     place of TE), next to the local LoRA linear with the same weights. Saves both linears' LoRA
     gradients after the TP sums of training.grads, gathered to full tensors."""
     import te_standin
-
     from megatron.core import parallel_state as ps
     from megatron.core.model_parallel_config import ModelParallelConfig
 

@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from relaxrec_megatron.cli.main import main
+from relaxrec_megatron.hf.convert import REPORT_FILE
 
 
 def leftovers(folder: Path) -> list[str]:
@@ -110,6 +111,21 @@ def test_existing_output_needs_overwrite(tiny_dirs, tmp_path, capsys):
     assert (out / "keep.txt").read_text() == "x"
     assert main(["convert", str(tiny_dirs["llama"]), str(out), "--overwrite", "--quiet"]) == 0
     assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+
+
+def test_threads_and_svd_method(tiny_dirs, tmp_path, capsys):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        msg = run_error(capsys, ["convert", str(tiny_dirs["llama"]), str(tmp_path / "o"), "--threads", "0"], tmp_path / "o")
+        assert msg == "relaxrec convert: error: --threads must be >= 1, got 0"
+        assert main(["convert", str(tiny_dirs["llama"]), str(tmp_path / "o"), "--rank", "2", "--svd", "randomized",
+                     "--threads", "1", "--device", "cpu", "--quiet"]) == 0
+        assert torch.get_num_threads() == 1
+        assert json.loads((tmp_path / "o" / REPORT_FILE).read_text())["svd"] == "randomized"
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_not_a_checkpoint(tmp_path, capsys):

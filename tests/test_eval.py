@@ -13,9 +13,14 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from relaxrec_megatron.cli.main import main
-from relaxrec_megatron.evaluation.local_tasks import (LASTWORD, TASKS_DIR, continuation_samples, lastword_samples,
-                                                     sentences)
 from relaxrec_megatron.data.pydoc_text import pydoc_topics
+from relaxrec_megatron.evaluation.local_tasks import (
+    LASTWORD,
+    TASKS_DIR,
+    continuation_samples,
+    lastword_samples,
+    sentences,
+)
 from relaxrec_megatron.evaluation.ppl import token_nlls, windows
 from relaxrec_megatron.hf.convert import RecursionSpec, convert_to_relaxed
 from relaxrec_megatron.hf.smollm import smollm_checkpoint

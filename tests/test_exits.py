@@ -6,11 +6,11 @@ hidden state is computed on stage 0 and travels to the last stage with the activ
 import pytest
 import torch
 import torch.nn.functional as F
+from parity import EXIT_CASES, EXIT_LAYOUTS, TEACHER, TOKENS, full_grads
+from pipeline import batch_from_tokens
 from transformers import AutoModelForCausalLM
 
-from parity import EXIT_CASES, EXIT_LAYOUTS, TEACHER, TOKENS, full_grads
 from relaxrec_megatron.model.state_adapter import canonical_getter
-from pipeline import batch_from_tokens
 
 
 def kl(target_logits, logits, T):

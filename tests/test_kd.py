@@ -3,8 +3,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
-
 from megatron_jobs import kd_job
+
 from relaxrec_megatron.parallel.local_world import run_world
 
 

@@ -7,15 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM
-
 from megatron_jobs import fp8_context_job, load_job, save_job, te_fp8_job, te_parity_job, te_row_lora_job
 from parity import CASES, LAYOUTS, TOKENS, full_grads
-from relaxrec_megatron.parallel.local_world import run_world
+from transformers import AutoModelForCausalLM
+
 from relaxrec_megatron.errors import UserError
 from relaxrec_megatron.hf.checkpoint import CheckpointReader
 from relaxrec_megatron.model.checkpoint import check_compatible, read_config
 from relaxrec_megatron.model.settings import ParallelLayout, RelaxedSettings
+from relaxrec_megatron.parallel.local_world import run_world
 
 
 def hf_logits(folder: Path) -> torch.Tensor:

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from relaxrec_megatron.cli.main import main
-from relaxrec_megatron.shipped import MODELS as SHIPPED
 from relaxrec_megatron.hf.arch import adapter_for
+from relaxrec_megatron.shipped import MODELS as SHIPPED
 
 
 def params_json(capsys, *argv):

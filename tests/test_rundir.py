@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-
-from relaxrec_megatron.model.checkpoint import MANIFEST_FILE, incomplete, latest_checkpoint, step_folders
 from procs import blocks, processes_of
 from tiny import save_run_config, save_token_corpus
+
+from relaxrec_megatron.model.checkpoint import MANIFEST_FILE, incomplete, latest_checkpoint, step_folders
 
 pytestmark = pytest.mark.slow
 
@@ -111,9 +111,10 @@ def test_the_sample_order_does_not_depend_on_train_steps(job):
 def test_a_blend_keeps_its_first_samples_when_the_run_grows(job, tmp_path):
     """Two components, one twice the other's weight: the first 200 samples of a 200-sample plan and
     of a 5000-sample plan (several epochs of each component) are the same tokens."""
+    from tiny import save_token_corpus
+
     from relaxrec_megatron.training.config import load_config
     from relaxrec_megatron.training.data import TokenizerInfo, build_datasets
-    from tiny import save_token_corpus
 
     other = save_token_corpus(tmp_path / "other", seed=5)
     cfg = load_config(job / "c.yaml", [f"run.output_dir={tmp_path / 'run'}",

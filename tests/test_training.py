@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from megatron_jobs import train_job
 from tiny import save_run_config, save_token_corpus
-from relaxrec_megatron.parallel.local_world import run_world
+
 from relaxrec_megatron.model.checkpoint import latest_checkpoint
+from relaxrec_megatron.parallel.local_world import run_world
 
 
 @pytest.fixture(scope="module")
@@ -98,10 +98,10 @@ def test_pipeline_and_tensor_parallel_match_one_rank(setup, baseline):
 
 @pytest.mark.slow
 def test_training_checkpoint_exports_to_hf_with_the_same_logits(setup, tmp_path):
+    from megatron_jobs import load_job
     from transformers import AutoModelForCausalLM
 
     from relaxrec_megatron import register
-    from megatron_jobs import load_job
     from relaxrec_megatron.model.convert_megatron import megatron_to_relaxed
 
     register()

@@ -23,7 +23,6 @@ import subprocess
 import sys
 import time
 
-
 PATHS = ("ce-megatron", "ce-chunked", "kd-plain", "kd-chunked")
 
 

@@ -181,9 +181,9 @@ def check_te_layers(a) -> bool:
     from transformer_engine.common import recipe
 
     init_world()
+    from relaxrec_megatron.model.build import build_model
     from relaxrec_megatron.model.settings import RelaxedSettings
     from relaxrec_megatron.model.state_adapter import local_shard, pieces, set_local_shard
-    from relaxrec_megatron.model.build import build_model
 
     settings = RelaxedSettings(settings_dict(a))
     torch.manual_seed(0)

@@ -7,4 +7,5 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/tools/env.sh"
 bash "$ROOT/tools/slurm_packages.sh"  # the SLURM tests' one-node cluster
 cd "$ROOT"
+python -m ruff check --quiet .  # lint and import order (pyproject's [tool.ruff]), in a second
 exec python -m pytest -q "$@"

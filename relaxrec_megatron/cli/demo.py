@@ -41,16 +41,16 @@ def run(args) -> int:
 
     from .. import register
     from ..data.prepare import prepare
-    from ..hf.convert import RecursionSpec, convert_to_relaxed
     from ..evaluation import harness
     from ..evaluation.local_tasks import CONTINUATION, LASTWORD
+    from ..hf.convert import RecursionSpec, convert_to_relaxed
     from ..hf.export import export_unrolled
     from ..hf.smollm import smollm_checkpoint
+    from ..model.checkpoint import latest_checkpoint
     from ..model.convert_megatron import megatron_to_relaxed
     from ..parallel.local_world import run_world
     from ..training.config import load_config
     from ..training.run import train_entry
-    from ..model.checkpoint import latest_checkpoint
 
     register()
 

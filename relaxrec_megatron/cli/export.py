@@ -6,6 +6,8 @@ import tempfile
 from pathlib import Path
 
 from ..hf.export import export_unrolled
+from ..model.folder import is_megatron_checkpoint
+from .options import add_threads_arg, apply_threads
 
 
 def add_parser(sub) -> None:
@@ -17,6 +19,7 @@ def add_parser(sub) -> None:
     u.add_argument("output", help="output folder (written atomically)")
     u.add_argument("--dtype", default="auto", help="output dtype: auto (the checkpoint's), bf16, fp16, fp32")
     u.add_argument("--overwrite", action="store_true")
+    add_threads_arg(u)
     u.add_argument("--quiet", action="store_true")
     u.set_defaults(run=run_unrolled)
     r = targets.add_parser("hf-relaxed", help="Megatron dist checkpoint -> relaxed recursive HF checkpoint")
@@ -25,12 +28,6 @@ def add_parser(sub) -> None:
     r.add_argument("--overwrite", action="store_true")
     r.add_argument("--quiet", action="store_true")
     r.set_defaults(run=run_relaxed)
-
-
-def _is_megatron(source: str) -> bool:
-    from ..model.checkpoint import CONFIG_FILE
-
-    return (Path(source) / CONFIG_FILE).is_file()
 
 
 def run_relaxed(args) -> int:
@@ -43,7 +40,8 @@ def run_relaxed(args) -> int:
 
 
 def run_unrolled(args) -> int:
-    if _is_megatron(args.source):
+    apply_threads(args.threads)
+    if is_megatron_checkpoint(args.source):
         from ..model.convert_megatron import megatron_to_relaxed
 
         with tempfile.TemporaryDirectory(dir=Path(args.output).expanduser().resolve().parent) as tmp:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import json
+import os
+import sys
 from pathlib import Path
 
 from ..errors import UserError
@@ -138,3 +139,20 @@ def require_matplotlib() -> None:
         import matplotlib  # noqa: F401
     except ImportError:
         raise UserError("--plot needs matplotlib: pip install 'relaxrec-megatron[plot]' (or matplotlib)") from None
+
+
+def add_threads_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for the matrix work (default: the cores this process may run on); fewer "
+                        "where other work shares them, since spinning threads then wait on each other")
+
+
+def apply_threads(threads: int | None) -> int:
+    """Sets torch's intra-op threads: `threads`, or the cores in this process's affinity mask."""
+    import torch
+
+    allowed = len(os.sched_getaffinity(0))
+    if threads is not None and threads < 1:
+        raise UserError(f"--threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads or allowed)
+    return torch.get_num_threads()

@@ -12,7 +12,6 @@ from ..shipped import hf_config
 from .options import add_recursion_args, parse_rank, recursion_spec
 
 
-
 def add_parser(sub) -> None:
     p = sub.add_parser("params", help="parameter counts from a config.json alone", description=__doc__)
     p.add_argument("model", help="config.json, a checkpoint folder, a shipped name (gemma-2b, tinyllama-1.1b, smollm2-135m, "

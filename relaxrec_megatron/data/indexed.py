@@ -63,7 +63,6 @@ class Counts:
     def train_tokens(self, split: str) -> int:
         """Tokens in megatron's train split of this dataset (documents [0, round(share * n)))."""
         from megatron.core.datasets.blended_megatron_dataset_config import parse_and_normalize_split
-
         from megatron.core.datasets.indexed_dataset import _IndexReader
 
         end = int(round(parse_and_normalize_split(split)[0] * self.documents))

@@ -19,8 +19,6 @@ import random
 import re
 from pathlib import Path
 
-import yaml
-
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 LASTWORD, CONTINUATION = "relaxrec_pydoc_lastword", "relaxrec_pydoc_continuation"
 LOCAL_TASKS = (LASTWORD, CONTINUATION)

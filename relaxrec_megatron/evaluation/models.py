@@ -18,7 +18,7 @@ import torch
 
 from ..errors import UserError
 from ..hf.checkpoint import HF_SIDE_FILES, resolve_model_dir
-from ..model.checkpoint import CONFIG_FILE
+from ..model.folder import CONFIG_FILE
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

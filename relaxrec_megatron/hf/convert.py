@@ -11,14 +11,14 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import UserError
-from ..recursion import SharingPlan, Strategy, InitMethod, init_shared, shared_init_sources
-from ..recursion.lora import LoraInit, clip_rank, lora_factors
+from ..files import atomic_output_dir
+from ..recursion import InitMethod, SharingPlan, Strategy, init_shared, shared_init_sources
+from ..recursion.lora import LoraInit, SvdMethod, clip_rank, lora_factors
 from ..recursion.params import LayerShapes
 from .arch import ArchAdapter, adapter_for
-from ..files import atomic_output_dir
 from .checkpoint import CheckpointError, CheckpointReader, ShardedWriter
-from .folder import write_hf_folder_files
 from .configuration_relaxrec import RelaxedRecursiveConfig
+from .folder import write_hf_folder_files
 from .layout import GLOBAL_PATHS, is_linear_weight, is_per_layer, layer_path, lora_paths
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -114,8 +114,11 @@ def resolve_dtype(name: str, reader: CheckpointReader, adapter: ArchAdapter) -> 
 
 
 def convert_to_relaxed(source: str, output: str | Path, spec: RecursionSpec, dtype: str = "auto",
-                       overwrite: bool = False, progress: bool = True) -> dict:
-    """Writes the relaxed recursive checkpoint; returns its reconstruction report."""
+                       overwrite: bool = False, progress: bool = True, svd: SvdMethod | str = SvdMethod.EXACT,
+                       device: str | None = None) -> dict:
+    """Writes the relaxed recursive checkpoint; returns its reconstruction report. svd and device: how
+    and where the LoRA factors are computed (recursion.lora.lora_factors)."""
+    svd = SvdMethod(svd)
     reader = CheckpointReader(source)
     adapter = adapter_for(reader.config)
     plan = SharingPlan(adapter.num_layers, spec.loops, spec.strategy)
@@ -156,7 +159,8 @@ def convert_to_relaxed(source: str, output: str | Path, spec: RecursionSpec, dty
                     if is_linear_weight(canon):
                         module = canon.split(".")[0]
                         for l in group:
-                            rows.append(_relax_one(out, per_layer[l], shared, module, k, l, plan, ranks, spec))
+                            rows.append(_relax_one(out, per_layer[l], shared, module, k, l, plan, ranks, spec,
+                                                   svd, device))
                             bar.update()
                 del canon_by_layer
             writer.write(f"model-layer-{k:05d}.safetensors", cast(out))
@@ -169,20 +173,20 @@ def convert_to_relaxed(source: str, output: str | Path, spec: RecursionSpec, dty
         report = {
             "metric": "||W - (W' + BA)||_F / ||W||_F per unrolled layer and module (fp32, before the cast to the output dtype)",
             "source": str(source), "loops": plan.num_loops, "strategy": plan.strategy.value, "init": spec.init.value,
-            "lora_init": spec.lora_init.value, "ranks": ranks, "rows": rows,
+            "lora_init": spec.lora_init.value, "svd": svd.value, "ranks": ranks, "rows": rows,
         }
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=1))
     return report
 
 
-def _relax_one(out, W, shared, module, k, l, plan, ranks, spec) -> dict:
+def _relax_one(out, W, shared, module, k, l, plan, ranks, spec, svd, device) -> dict:
     r = ranks.get(module, 0)
     row = {"layer": l, "shared": k, "loop": plan.loop_index(l), "module": module, "rank": r}
     if r == 0:
         row["rel_error"] = float(torch.linalg.matrix_norm(W.float() - shared) / torch.linalg.matrix_norm(W.float()).clamp_min(1e-30))
         return row
     gen = torch.Generator().manual_seed(7919 * l + sum(map(ord, module)))
-    f = lora_factors(W, shared, r, spec.lora_init, gen)
+    f = lora_factors(W, shared, r, spec.lora_init, gen, svd=svd, device=device)
     a_path, b_path = lora_paths(l, module)
     out[a_path], out[b_path] = f.A, f.B
     row["rel_error"] = f.rel_error

@@ -7,11 +7,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .arch import adapter_for
 from ..files import atomic_output_dir
+from .arch import adapter_for
 from .checkpoint import CheckpointError, CheckpointReader, ShardedWriter
-from .folder import write_hf_folder_files
 from .convert import DTYPES
+from .folder import write_hf_folder_files
 from .layout import GLOBAL_PATHS, is_linear_weight, layer_path, lora_paths
 
 

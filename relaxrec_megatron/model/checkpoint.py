@@ -15,10 +15,10 @@ import torch
 import torch.distributed as dist
 
 from ..errors import UserError
+from .folder import CONFIG_FILE
 from .settings import RelaxedSettings
 from .state_adapter import local_shard, pieces, set_local_shard
 
-CONFIG_FILE = "relaxrec_config.json"
 # a run's checkpoints/ folder (training.checkpoints): step_N/model is a dist checkpoint. A step_N is
 # complete when every file its MANIFEST_FILE names is there with its size (and, for the small ones,
 # its CRC-32); the manifest is written last. `latest` names the newest one, as a hint for people.

@@ -16,8 +16,8 @@ import torch
 from ..files import atomic_output_dir
 from ..hf.checkpoint import CheckpointReader, ShardedWriter, copy_side_files
 from ..hf.convert import REMOTE_CODE, REPORT_FILE
-from ..hf.folder import write_hf_folder_files
 from ..hf.export import open_relaxed
+from ..hf.folder import write_hf_folder_files
 from ..parallel.distributed import single_process_group
 from .checkpoint import CONFIG_FILE, read_config
 from .state_adapter import canonical_getter, fused_name, qkv_members, split_qkv

@@ -12,12 +12,11 @@ are contiguous, so it lives on one stage (two at a boundary) and nearly nothing 
 from __future__ import annotations
 
 import torch
-from torch import nn
-
 from megatron.core import tensor_parallel
 from megatron.core.fp8_utils import get_fp8_context, is_first_last_bf16_layer
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
+from torch import nn
 
 from .layer import relaxed_layer_spec
 from .lora_linear import LoopAware

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
-
 from megatron.core import parallel_state as ps
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.models.common.language_module.language_module import LanguageModule
 from megatron.core.tensor_parallel import ColumnParallelLinear, gather_from_tensor_model_parallel_region
 from megatron.core.transformer.enums import ModelType
+from torch import nn
 
 from ..errors import UserError
 from ..hf.configuration_relaxrec import RelaxedRecursiveConfig

@@ -11,7 +11,6 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType

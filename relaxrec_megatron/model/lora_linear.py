@@ -19,8 +19,6 @@ A fused output (linear_qkv, linear_fc1) is several modules: q, k, v interleaved 
 from __future__ import annotations
 
 import torch
-from torch import nn
-
 from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.tensor_parallel.mappings import (
@@ -29,6 +27,7 @@ from megatron.core.tensor_parallel.mappings import (
     reduce_from_tensor_model_parallel_region,
     reduce_scatter_to_sequence_parallel_region,
 )
+from torch import nn
 
 
 class AddLora(torch.autograd.Function):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .lora_linear import LoopAware
 from ..numerics import norm
+from .lora_linear import LoopAware
 
 
 class LoopedNorm(nn.Module, LoopAware):

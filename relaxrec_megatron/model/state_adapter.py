@@ -16,7 +16,6 @@ import re
 from dataclasses import dataclass
 
 import torch
-
 from megatron.core import parallel_state as ps
 
 from ..hf.layout import lora_paths, shared_path, slot_path

@@ -12,7 +12,6 @@ import torch.distributed as dist
 
 from . import cpu_mode
 
-
 DEFAULT_TIMEOUT_S = 600
 
 

@@ -54,7 +54,6 @@ def blending_index(weights: list[float], size: int):
     """(component, its sample) for samples 0..size-1: megatron's greedy blending index, which takes at
     each k the component furthest below its share, so its first entries do not depend on `size`."""
     import numpy as np
-
     from megatron.core.datasets import helpers
 
     index, sample = np.zeros(size, dtype=np.int16), np.zeros(size, dtype=np.int64)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-
 from megatron.core import parallel_state as ps
 
 _GROUPS: dict[tuple[int, ...], object] = {}

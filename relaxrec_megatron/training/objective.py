@@ -21,9 +21,8 @@ micro-batch instead of one (`tensors_between_stages`).
 from __future__ import annotations
 
 import torch
-from torch import nn
-
 from megatron.core import parallel_state as ps
+from torch import nn
 
 from .config import ExitConfig, KDConfig
 from .kd import distillation_loss
