@@ -13,12 +13,18 @@ from typing import Callable, Iterator
 from .errors import UserError
 
 
-@contextlib.contextmanager
-def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yields a temporary sibling folder that becomes `path` only if the block succeeds."""
+def check_output(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """The output's absolute path; refused where it exists and may not be replaced (before any work)."""
     final = Path(path).expanduser().resolve()
     if final.exists() and not overwrite:
         raise UserError(f"{final} already exists; pass --overwrite to replace it")
+    return final
+
+
+@contextlib.contextmanager
+def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yields a temporary sibling folder that becomes `path` only if the block succeeds."""
+    final = check_output(path, overwrite)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

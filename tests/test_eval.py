@@ -158,6 +158,11 @@ def test_bad_input_is_one_line_and_writes_nothing(models, tmp_path, capsys):
                                                     "local", "--output", str(out)])
     assert "cannot load a tokenizer" in run_error(capsys, ["eval", "tasks", src, "--tasks", "local", "--tokenizer",
                                                            str(tmp_path / "empty"), "--output", str(out)])
+    small = Path(shutil.copytree(models / "src", tmp_path / "small-vocab"))  # a tokenizer the model cannot embed
+    cfg = json.loads((small / "config.json").read_text())
+    (small / "config.json").write_text(json.dumps({**cfg, "vocab_size": 96}))
+    assert f"has {cfg['vocab_size']} tokens but the model's vocabulary is 96" in run_error(
+        capsys, ["eval", "tasks", str(small), "--tasks", "local", "--output", str(out)])
     no_tok = tmp_path / "megatron"
     shutil.copytree(models / "megatron", no_tok)
     for f in no_tok.glob("tokenizer*"):
@@ -375,19 +380,23 @@ def test_eval_exits_calibrates_and_serving_reads_it(models, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_lm_evals_own_cli_runs_the_shipped_tasks_from_any_folder(models, tmp_path, capsys):
+def test_lm_evals_own_cli_runs_the_shipped_tasks_from_any_folder(models, tmp_path, capfd, monkeypatch):
     """`lm_eval` itself, from a folder of its own, with the include path `relaxrec eval include-path`
-    prints: the same accuracy as `relaxrec eval tasks` on the same model."""
+    prints: the same accuracy as `relaxrec eval tasks` on the same model (run outside any git
+    repository, without the harness's git probe on the console)."""
     import subprocess
     import sys
 
     assert main(["eval", "include-path"]) == 0
-    include = capsys.readouterr().out.strip()
+    include = capfd.readouterr().out.strip()
     model = str(models / "r4")
-    ours = eval_json(["eval", "tasks", model, "--tasks", "local", "--limit", "8", "--batch-size", "4"],
-                     tmp_path / "ours.json")["models"][model]["results"]
     cwd = tmp_path / "elsewhere"
     cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # no repository above the folder either
+    ours = eval_json(["eval", "tasks", model, "--tasks", "local", "--limit", "8", "--batch-size", "4"],
+                     tmp_path / "ours.json")["models"][model]["results"]
+    assert "fatal:" not in capfd.readouterr().err
     lm_eval = Path(sys.executable).parent / "lm_eval"
     out = subprocess.run([str(lm_eval), "--model", "hf", "--model_args",
                           f"pretrained={model},trust_remote_code=True,dtype=float32", "--tasks",

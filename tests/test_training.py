@@ -97,7 +97,7 @@ def test_pipeline_and_tensor_parallel_match_one_rank(setup, baseline):
 
 
 @pytest.mark.slow
-def test_training_checkpoint_exports_to_hf_with_the_same_logits(setup, tmp_path):
+def test_training_checkpoint_exports_to_hf_with_the_same_logits(setup, tmp_path, capsys):
     from megatron_jobs import load_job
     from transformers import AutoModelForCausalLM
 
@@ -117,6 +117,27 @@ def test_training_checkpoint_exports_to_hf_with_the_same_logits(setup, tmp_path)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     with torch.no_grad():
         assert (hf(tokens).logits - torch.load(tmp_path / "mcore.pt")).abs().max() <= 1e-4
+    # export takes the run by any of its names, as eval does, and refuses other folders in one line
+    from safetensors.torch import load_file
+
+    from relaxrec_megatron.cli.main import main
+
+    weights = lambda folder: {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+    expected = weights(tmp_path / "hf")
+    run_dir = setup / "run-export"
+    for i, ref in enumerate([run_dir, run_dir / "checkpoints", model_ckpt.parent, model_ckpt]):
+        assert main(["export", "hf-relaxed", str(ref), str(tmp_path / f"r{i}"), "--quiet"]) == 0
+        got = weights(tmp_path / f"r{i}")
+        assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+    assert main(["export", "hf-unrolled", str(run_dir / "checkpoints"), str(tmp_path / "unrolled"), "--quiet"]) == 0
+    assert (tmp_path / "unrolled" / "config.json").is_file()
+    capsys.readouterr()
+    assert main(["export", "hf-unrolled", str(run_dir / "init"), str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"relaxrec export: error: {run_dir / 'init'}: not a checkpoint; pass an HF folder (config.json), a "
+                   "Megatron checkpoint (relaxrec_config.json), a training step folder (step_N/), a run's "
+                   "checkpoints/ folder or the run folder"]
+    assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.slow

@@ -48,7 +48,10 @@ def add_parser(sub) -> None:
     _corpus_args(q)
     q.add_argument("--output", default=None, help="write the results as JSON")
     q.set_defaults(run=run_ppl)
-    x = targets.add_parser("exits", help="early exits: each loop's perplexity, confidence thresholds, calibration")
+    x = targets.add_parser("exits", help="early exits: each loop's perplexity, confidence thresholds, calibration",
+                           description="Early exits of a relaxed recursive CYCLE checkpoint: each loop's perplexity "
+                                       "on a corpus, the confidence thresholds that keep the full-depth greedy token "
+                                       "at --agreement, stored with the checkpoint for serving (--no-store: not).")
     x.add_argument("model", metavar="MODEL", help="relaxed recursive CYCLE checkpoint (HF folder or Megatron)")
     _corpus_args(x, default_context=512)
     x.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id (default: the checkpoint's)")
@@ -231,7 +234,8 @@ def run_exits(args) -> int:
     from tqdm.auto import tqdm
 
     from ..evaluation import exits, harness
-    from ..evaluation.models import export_dir, load, megatron_checkpoint, resolve
+    from ..evaluation.models import export_dir, load, resolve
+    from ..model.folder import megatron_checkpoint
 
     _check_corpus_args(args)
     if not 0.0 < args.agreement <= 1.0:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from ..errors import UserError
+from ..files import check_output
 from ..hf.export import export_unrolled
-from ..model.folder import is_megatron_checkpoint
+from ..model.folder import ACCEPTED, megatron_checkpoint, not_a_checkpoint
 from .options import add_threads_arg, apply_threads
 
 
@@ -30,10 +32,25 @@ def add_parser(sub) -> None:
     r.set_defaults(run=run_relaxed)
 
 
+def _megatron_source(source: str) -> Path | None:
+    """The Megatron dist checkpoint SOURCE names (a run, its checkpoints/, a step_N/ or the checkpoint
+    itself), or None for an HF folder; anything else is refused naming what would work."""
+    path = Path(source).expanduser()
+    if not path.is_dir():
+        raise not_a_checkpoint(source)
+    ckpt = megatron_checkpoint(path)
+    if ckpt is None and not (path / "config.json").is_file():
+        raise not_a_checkpoint(source)
+    return ckpt
+
+
 def run_relaxed(args) -> int:
     from ..model.convert_megatron import megatron_to_relaxed
 
-    megatron_to_relaxed(args.source, args.output, overwrite=args.overwrite)
+    ckpt = _megatron_source(args.source)
+    if ckpt is None:
+        raise UserError(f"{args.source}: an HF folder, not a Megatron checkpoint; pass {ACCEPTED.split(', ', 1)[1]}")
+    megatron_to_relaxed(ckpt, args.output, overwrite=args.overwrite)
     if not args.quiet:
         print(f"wrote {args.output}")
     return 0
@@ -41,11 +58,13 @@ def run_relaxed(args) -> int:
 
 def run_unrolled(args) -> int:
     apply_threads(args.threads)
-    if is_megatron_checkpoint(args.source):
+    ckpt = _megatron_source(args.source)
+    if ckpt is not None:
         from ..model.convert_megatron import megatron_to_relaxed
 
+        check_output(args.output, args.overwrite)
         with tempfile.TemporaryDirectory(dir=Path(args.output).expanduser().resolve().parent) as tmp:
-            megatron_to_relaxed(args.source, Path(tmp) / "relaxed")
+            megatron_to_relaxed(ckpt, Path(tmp) / "relaxed")
             export_unrolled(Path(tmp) / "relaxed", args.output, dtype=args.dtype, overwrite=args.overwrite,
                             progress=not args.quiet)
     else:

@@ -10,8 +10,10 @@ from ..console import quiet_third_party
 from ..errors import RankError, UserError
 from . import bench, compare, convert, data, demo, evaluate, export, generate, params, plan, train
 
-COMMANDS = {"convert": convert, "export": export, "params": params, "data": data, "train": train, "eval": evaluate,
-            "generate": generate, "plan": plan, "bench": bench, "compare": compare, "demo": demo}
+# in pipeline order, as `relaxrec --help` lists them: size it, convert, prepare data, uptrain, export,
+# evaluate, serve; then the benchmarks and the end-to-end jobs
+COMMANDS = {"params": params, "plan": plan, "convert": convert, "data": data, "train": train, "export": export,
+            "eval": evaluate, "generate": generate, "bench": bench, "compare": compare, "demo": demo}
 
 
 def build_parser() -> argparse.ArgumentParser:

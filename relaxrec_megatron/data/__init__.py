@@ -1,1 +1,2 @@
-"""Data: corpora and tokenization."""
+"""Data: corpora from `datasets` (or the offline pydoc corpus), tokenized at tokenizer speed into megatron
+indexed datasets (.bin/.idx)."""

@@ -9,8 +9,11 @@ recursive model.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import os
+import subprocess
 from pathlib import Path
 
 from ..errors import UserError
@@ -81,9 +84,10 @@ def evaluate(model, tokenizer, tasks: list[str], manager, num_fewshot: int | Non
     from lm_eval.models.huggingface import HFLM
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size)
-    out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, num_fewshot=num_fewshot,
-                                  limit=limit, log_samples=True, bootstrap_iters=0, random_seed=0,
-                                  numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
+    with _quiet_git_probe():
+        out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, num_fewshot=num_fewshot,
+                                      limit=limit, log_samples=True, bootstrap_iters=0, random_seed=0,
+                                      numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
     results = {}
     for task, row in out["results"].items():
         results[task] = {k.split(",")[0]: v for k, v in row.items()
@@ -93,6 +97,26 @@ def evaluate(model, tokenizer, tasks: list[str], manager, num_fewshot: int | Non
                        "metrics": {m: float(s[m]) for m in s["metrics"] if m in s}} for s in rows]
                for task, rows in out["samples"].items()}
     return {"results": results, "n-shot": out.get("n-shot", {}), "samples": samples}
+
+
+@contextlib.contextmanager
+def _quiet_git_probe():
+    """The harness records the working folder's git commit with `git describe`, whose stderr ("fatal:
+    not a git repository") reaches the console outside a repository: the same probe, its stderr kept."""
+    import lm_eval.evaluator as evaluator
+    from lm_eval.loggers.utils import get_commit_from_path
+
+    def commit() -> str | None:
+        try:
+            return subprocess.check_output(["git", "describe", "--always"], stderr=subprocess.DEVNULL).strip().decode()
+        except (subprocess.CalledProcessError, FileNotFoundError):
+            return get_commit_from_path(os.getcwd())
+
+    original, evaluator.get_git_commit_hash = evaluator.get_git_commit_hash, commit
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = original
 
 
 def paper_average(results: dict) -> float | None:

@@ -3,9 +3,9 @@
 A model reference is one of
 - an HF folder: a relaxed recursive checkpoint (loaded in process, no trust_remote_code), an
   unrolled export or any vanilla model; or a hub id / `builtin:smollm2-135m`;
-- a Megatron dist checkpoint (`relaxrec_config.json`), a training checkpoint (`step_N/`, holding
-  `model/`) or a run's checkpoint folder (`latest` names the step): exported to a relaxed HF
-  checkpoint in a temporary folder.
+- a Megatron dist checkpoint, a training checkpoint `step_N/`, a run's checkpoints/ folder or the
+  run folder (model.folder.megatron_checkpoint): exported to a relaxed HF checkpoint in a temporary
+  folder.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 
 from ..errors import UserError
 from ..hf.checkpoint import HF_SIDE_FILES, resolve_model_dir
-from ..model.folder import CONFIG_FILE
+from ..model.folder import megatron_checkpoint, not_a_checkpoint
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -34,22 +34,6 @@ class EvalModel:
 def export_dir():
     """Where Megatron checkpoints are exported for scoring; removed when the block ends."""
     return tempfile.TemporaryDirectory(prefix="relaxrec-eval-")
-
-
-def megatron_checkpoint(path: Path) -> Path | None:
-    """The Megatron dist checkpoint a folder names, if it names one."""
-    if (path / CONFIG_FILE).is_file():
-        return path
-    if (path / "model" / CONFIG_FILE).is_file():  # a training checkpoint step_N/
-        return path / "model"
-    from ..model.checkpoint import latest_checkpoint, step_folders
-
-    if (path / "latest").is_file() or step_folders(path):  # a run's checkpoints/ folder
-        step = latest_checkpoint(path)
-        if step is None:
-            raise UserError(f"{path}: none of its step folders is a complete checkpoint (manifest.json)")
-        return step / "model"
-    return None
 
 
 def _has_tokenizer(folder: Path) -> bool:
@@ -95,13 +79,24 @@ def resolve(name: str, workdir: Path, tokenizer: str | None = None) -> EvalModel
             tok = tokenizer or _tokenizer_for_megatron(ckpt, config)
             if tok is None:
                 raise UserError(f"{name}: no tokenizer beside the checkpoint or in its run; pass --tokenizer")
-            return EvalModel(name, out, _tokenizer(name, tok), "megatron")
+            return _checked(EvalModel(name, out, _tokenizer(name, tok), "megatron"), tok)
         if not (path / "config.json").is_file():
-            raise UserError(f"{name}: not a checkpoint (no config.json, {CONFIG_FILE}, model/ or latest in it)")
+            raise not_a_checkpoint(name)
     folder = resolve_model_dir(source)
     model_type = json.loads((folder / "config.json").read_text()).get("model_type")
     kind = "relaxed" if model_type == "relaxed_recursive" else "vanilla"
-    return EvalModel(name, folder, _tokenizer(name, tokenizer or str(folder)), kind)
+    return _checked(EvalModel(name, folder, _tokenizer(name, tokenizer or str(folder)), kind), tokenizer or str(folder))
+
+
+def _checked(model: EvalModel, tokenizer_ref: str) -> EvalModel:
+    """Refuses a tokenizer whose ids the model's embedding does not have (an index error mid-scoring)."""
+    import json
+
+    vocab = json.loads((model.folder / "config.json").read_text()).get("vocab_size")
+    if vocab is not None and len(model.tokenizer) > vocab:
+        raise UserError(f"{model.name}: the tokenizer from {tokenizer_ref} has {len(model.tokenizer)} tokens but the "
+                        f"model's vocabulary is {vocab}; pass --tokenizer with the one it was trained with")
+    return model
 
 
 def load(model: EvalModel, device: str = "cpu", dtype: str = "auto"):

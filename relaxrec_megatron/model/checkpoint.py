@@ -22,7 +22,6 @@ from .state_adapter import local_shard, pieces, set_local_shard
 # a run's checkpoints/ folder (training.checkpoints): step_N/model is a dist checkpoint. A step_N is
 # complete when every file its MANIFEST_FILE names is there with its size (and, for the small ones,
 # its CRC-32); the manifest is written last. `latest` names the newest one, as a hint for people.
-LATEST_FILE = "latest"
 STATE_FILE = "trainer_state.json"
 MANIFEST_FILE = "manifest.json"
 CHECKSUM_BELOW = 1 << 20  # files smaller than this carry a CRC-32 in the manifest

@@ -1,1 +1,2 @@
-"""Uptraining: run configuration, distillation loss, (trainer: in progress)."""
+"""Uptraining: run configuration and preflight, data, the trainer (distillation, early exits, gradient
+contracts of shared layers, precision), checkpoints and run folders, stops and stalled ranks, planning."""

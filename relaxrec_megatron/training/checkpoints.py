@@ -22,7 +22,8 @@ import torch.distributed as dist
 
 from ..errors import RankError, UserError
 from ..files import write_text
-from ..model.checkpoint import LATEST_FILE, STATE_FILE, incomplete, latest_checkpoint, step_folders, write_manifest
+from ..model.checkpoint import STATE_FILE, incomplete, latest_checkpoint, step_folders, write_manifest
+from ..model.folder import LATEST_FILE
 
 
 class CheckpointManager:
