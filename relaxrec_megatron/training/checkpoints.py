@@ -57,6 +57,7 @@ class CheckpointManager:
 
         folder = self.root / f"step_{trainer.step:08d}"
         rank0 = dist.get_rank() == 0
+        self._check_room(folder)
         if rank0:
             for half in [p for p in step_folders(self.root) if incomplete(p) is not None]:
                 shutil.rmtree(half, ignore_errors=True)  # a save that did not finish, this one's old copy included
@@ -90,6 +91,23 @@ class CheckpointManager:
             self._prune(keep=folder)
         dist.barrier()
         return folder
+
+    def _check_room(self, folder: Path) -> None:
+        """Every rank checks its disk has room for a checkpoint the size of the last one, and all learn
+        the answer: a rank whose write fails inside megatron's save leaves the others waiting in its
+        collectives until the save limit, so a save that cannot fit is not begun."""
+        previous = self.latest()
+        need = _bytes_of(previous)
+        free = shutil.disk_usage(self.root).free
+        mine = None if free >= need else (f"rank {dist.get_rank()} has {free / 1e6:,.1f} MB free at {self.root} and "
+                                          f"a checkpoint needs about {need / 1e6:,.1f} MB")
+        everyone: list = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
+        short = [m for m in everyone if m]
+        if short:
+            more = f" (and {len(short) - 1} more rank(s))" if len(short) > 1 else ""
+            raise UserError(f"not saving {folder}: {short[0]}{more}; free space and relaunch: the run resumes "
+                            f"from {previous}, which is intact")
 
     def load(self, trainer, folder: str | Path) -> None:
         from ..model import checkpoint as mckpt
