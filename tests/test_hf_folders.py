@@ -9,18 +9,14 @@ import subprocess
 import sys
 
 import pytest
+from tiny import WITHOUT_PACKAGE
 
 from relaxrec_megatron.hf.convert import RecursionSpec, convert_to_relaxed
 from relaxrec_megatron.hf.export import export_unrolled
 from relaxrec_megatron.hf.smollm import smollm_checkpoint
 
-READ = """
-import json, sys
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] == 'relaxrec_megatron':
-            raise ImportError('relaxrec_megatron is blocked in this test')
-sys.meta_path.insert(0, Block())
+READ = WITHOUT_PACKAGE + """
+import json
 import torch, transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, pipeline
 seen = {}

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny import WITHOUT_PACKAGE
 from transformers import AutoModelForCausalLM
 
 from relaxrec_megatron.hf.checkpoint import CheckpointReader
@@ -152,13 +153,7 @@ def test_batched_left_padded_generation_matches_hf(tiny_dirs, tmp_path):
     assert torch.equal(ref.generate(ids, **kw), rel.generate(ids, **kw))
 
 
-BLOCK_PACKAGE = """
-import sys
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] == 'relaxrec_megatron':
-            raise ImportError('relaxrec_megatron is blocked in this test')
-sys.meta_path.insert(0, Block())
+BLOCK_PACKAGE = WITHOUT_PACKAGE + """
 import torch
 from transformers import AutoModelForCausalLM
 m = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True, dtype=torch.float32).eval()
