@@ -87,10 +87,6 @@ def _positive(args, *names) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
 
 
-def _label(name: str) -> str:
-    return name if len(name) <= 26 else "…" + name[-25:]
-
-
 def _task_list(text: str) -> list[str]:
     from ..evaluation.harness import LOCAL_TASKS, PAPER_TASKS
 
@@ -134,37 +130,10 @@ def run_tasks(args) -> int:
                 lm, m.tokenizer, tasks, manager, args.num_fewshot, args.limit, args.batch_size)}
             del lm
     print()
-    print(format_table(report))
+    print(harness.format_table(report))
     write_json(args.output, report)
     print(f"\n[eval] wrote {args.output}")
     return 0
-
-
-def format_table(report: dict) -> str:
-    """Tasks down, models across; accuracies in %, perplexities as they are; the average last."""
-    from ..evaluation import harness
-
-    names = list(report["models"])
-    results = {n: report["models"][n]["results"] for n in names}
-    shots = next(iter(report["models"].values()))["n-shot"] if names else {}
-    width = max([len(t) + 10 for t in report["tasks"]] + [28])
-    lines = [f"{'task':<{width}}{'metric':<12}" + "".join(f"{_label(n):>28}" for n in names)]
-    for task in report["tasks"]:
-        metrics = sorted({m for n in names for m in results[n].get(task, {})}, key=lambda m: (m != "acc", m))
-        for i, metric in enumerate(metrics):
-            head = f"{task} ({shots.get(task, '?')}-shot)" if i == 0 else ""
-            cells = []
-            for n in names:
-                v = results[n].get(task, {}).get(metric)
-                cells.append("-" if v is None else f"{100 * v:.1f}" if metric.startswith("acc") else f"{v:.3f}")
-            lines.append(f"{head:<{width}}{metric:<12}" + "".join(f"{c:>28}" for c in cells))
-    paper = [harness.paper_average(results[n]) for n in names]
-    if all(p is not None for p in paper):
-        label, values = "average (paper's 7 tasks)", paper
-    else:
-        label, values = "mean accuracy", [harness.mean_accuracy(results[n]) for n in names]
-    lines.append(f"{label:<{width}}{'acc':<12}" + "".join(f"{'-' if v is None else f'{100 * v:.1f}':>28}" for v in values))
-    return "\n".join(lines)
 
 
 def _check_corpus_args(args) -> None:
@@ -222,7 +191,7 @@ def run_ppl(args) -> int:
     print()
     print(f"{'model':<40}{'perplexity':>12}{'tokens':>10}{'context':>9}{'stride':>8}{'tok/s':>9}")
     for r in rows:
-        print(f"{_label(r['model']):<40}{r['perplexity']:>12.3f}{r['tokens']:>10}{r['context']:>9}{r['stride']:>8}"
+        print(f"{harness.column_label(r['model']):<40}{r['perplexity']:>12.3f}{r['tokens']:>10}{r['context']:>9}{r['stride']:>8}"
               f"{r['tokens_per_s']:>9.0f}")
     if args.output:
         write_json(args.output, {"data": args.data, "models": rows})
@@ -235,7 +204,6 @@ def run_exits(args) -> int:
 
     from ..evaluation import exits, harness
     from ..evaluation.models import export_dir, load, resolve
-    from ..model.folder import megatron_checkpoint
 
     _check_corpus_args(args)
     if not 0.0 < args.agreement <= 1.0:
@@ -264,7 +232,7 @@ def run_exits(args) -> int:
     for c in exits.CRITERIA:
         report[c] = exits.calibrate(stats, c, args.agreement)
     print()
-    print(format_exits(report))
+    print(exits.format_exits(report))
     if args.output:
         write_json(args.output, report)
         print(f"\n[eval] wrote {args.output}")
@@ -274,39 +242,5 @@ def run_exits(args) -> int:
         exit_tradeoff(report, args.plot)
         print(f"[eval] drew {args.plot}")
     if not args.no_store:
-        _store_calibration(args.model, report, megatron_checkpoint)
+        exits.store_calibration(args.model, report)
     return 0
-
-
-def format_exits(report: dict) -> str:
-    ppl = report["per_loop_perplexity"]
-    lines = ["perplexity by loop: " + "  ".join(f"loop {b + 1} {v:.3f}" for b, v in enumerate(ppl)),
-             f"{report['tokens']} tokens; a token leaves at the first loop whose confidence reaches the threshold", "",
-             f"{'criterion':<10}{'threshold':>10}{'exits by loop':>24}{'loops/token':>13}{'agreement':>11}"
-             f"{'perplexity':>14}"]
-    for r in report["rows"] + [dict(r, criterion=f"{c}*") for c in ("maxprob", "margin") if (r := report.get(c))]:
-        fractions = " ".join(f"{100 * f:.1f}%" for f in r["exit_fractions"])
-        lines.append(f"{r['criterion']:<10}{r['threshold']:>10.3f}{fractions:>24}{r['mean_loops']:>13.3f}"
-                     f"{100 * r['agreement']:>10.2f}%{r['perplexity']:>14.6g}")
-    target = f"{100 * report['agreement_target']:g}%"
-    for c in ("maxprob", "margin"):
-        r = report.get(c)
-        lines.append(f"* {c}: the lowest threshold with agreement >= {target}: " +
-                     (f"{r['threshold']:.3f} ({r['mean_loops']:.3f} loops/token)" if r else "none below 1.0"))
-    return "\n".join(lines)
-
-
-def _store_calibration(name: str, report: dict, megatron_checkpoint) -> None:
-    """The calibrated thresholds, beside the checkpoint's config (a Megatron checkpoint's export carries
-    them to HF); `generate` and `bench serve` read them with --threshold auto."""
-    path = Path(name).expanduser()
-    if not path.is_dir():
-        print(f"[eval] {name} is not a local folder: thresholds not stored (see --output)")
-        return
-    from ..hf.checkpoint import EXIT_CALIBRATION_FILE
-
-    folder = megatron_checkpoint(path) or path
-    keep = {k: report[k] for k in ("data", "tokens", "context", "stride", "agreement_target", "per_loop_perplexity",
-                                   "maxprob", "margin")}
-    write_json(str(folder / EXIT_CALIBRATION_FILE), keep)
-    print(f"[eval] stored the calibrated thresholds in {folder / EXIT_CALIBRATION_FILE}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -154,3 +155,39 @@ def stored_threshold(folder, criterion: str) -> float:
         raise UserError(f"--threshold auto: {path} has no {criterion} threshold that met its agreement target; "
                         "give a number, or recalibrate with a lower --agreement")
     return float(row["threshold"])
+
+
+def format_exits(report: dict) -> str:
+    ppl = report["per_loop_perplexity"]
+    lines = ["perplexity by loop: " + "  ".join(f"loop {b + 1} {v:.3f}" for b, v in enumerate(ppl)),
+             f"{report['tokens']} tokens; a token leaves at the first loop whose confidence reaches the threshold", "",
+             f"{'criterion':<10}{'threshold':>10}{'exits by loop':>24}{'loops/token':>13}{'agreement':>11}"
+             f"{'perplexity':>14}"]
+    for r in report["rows"] + [dict(r, criterion=f"{c}*") for c in ("maxprob", "margin") if (r := report.get(c))]:
+        fractions = " ".join(f"{100 * f:.1f}%" for f in r["exit_fractions"])
+        lines.append(f"{r['criterion']:<10}{r['threshold']:>10.3f}{fractions:>24}{r['mean_loops']:>13.3f}"
+                     f"{100 * r['agreement']:>10.2f}%{r['perplexity']:>14.6g}")
+    target = f"{100 * report['agreement_target']:g}%"
+    for c in ("maxprob", "margin"):
+        r = report.get(c)
+        lines.append(f"* {c}: the lowest threshold with agreement >= {target}: " +
+                     (f"{r['threshold']:.3f} ({r['mean_loops']:.3f} loops/token)" if r else "none below 1.0"))
+    return "\n".join(lines)
+
+
+def store_calibration(name: str, report: dict) -> None:
+    """The calibrated thresholds, beside the checkpoint's config (a Megatron checkpoint's export carries
+    them to HF); `generate` and `bench serve` read them with --threshold auto."""
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        print(f"[eval] {name} is not a local folder: thresholds not stored (see --output)")
+        return
+    from ..files import write_json
+    from ..hf.checkpoint import EXIT_CALIBRATION_FILE
+    from ..model.folder import megatron_checkpoint
+
+    folder = megatron_checkpoint(path) or path
+    keep = {k: report[k] for k in ("data", "tokens", "context", "stride", "agreement_target", "per_loop_perplexity",
+                                   "maxprob", "margin")}
+    write_json(str(folder / EXIT_CALIBRATION_FILE), keep)
+    print(f"[eval] stored the calibrated thresholds in {folder / EXIT_CALIBRATION_FILE}")

@@ -129,3 +129,33 @@ def paper_average(results: dict) -> float | None:
 def mean_accuracy(results: dict) -> float | None:
     accs = [r[PAPER_METRIC] for r in results.values() if PAPER_METRIC in r]
     return sum(accs) / len(accs) if accs else None
+
+
+def column_label(name: str) -> str:
+    """A model's name cut to a table column."""
+    return name if len(name) <= 26 else "…" + name[-25:]
+
+
+def format_table(report: dict) -> str:
+    """Tasks down, models across; accuracies in %, perplexities as they are; the average last."""
+    names = list(report["models"])
+    results = {n: report["models"][n]["results"] for n in names}
+    shots = next(iter(report["models"].values()))["n-shot"] if names else {}
+    width = max([len(t) + 10 for t in report["tasks"]] + [28])
+    lines = [f"{'task':<{width}}{'metric':<12}" + "".join(f"{column_label(n):>28}" for n in names)]
+    for task in report["tasks"]:
+        metrics = sorted({m for n in names for m in results[n].get(task, {})}, key=lambda m: (m != "acc", m))
+        for i, metric in enumerate(metrics):
+            head = f"{task} ({shots.get(task, '?')}-shot)" if i == 0 else ""
+            cells = []
+            for n in names:
+                v = results[n].get(task, {}).get(metric)
+                cells.append("-" if v is None else f"{100 * v:.1f}" if metric.startswith("acc") else f"{v:.3f}")
+            lines.append(f"{head:<{width}}{metric:<12}" + "".join(f"{c:>28}" for c in cells))
+    paper = [paper_average(results[n]) for n in names]
+    if all(p is not None for p in paper):
+        label, values = "average (paper's 7 tasks)", paper
+    else:
+        label, values = "mean accuracy", [mean_accuracy(results[n]) for n in names]
+    lines.append(f"{label:<{width}}{'acc':<12}" + "".join(f"{'-' if v is None else f'{100 * v:.1f}':>28}" for v in values))
+    return "\n".join(lines)

@@ -98,7 +98,7 @@ class CheckpointManager:
         collectives until the save limit, so a save that cannot fit is not begun."""
         previous = self.latest()
         need = _bytes_of(previous)
-        free = shutil.disk_usage(self.root).free
+        free = shutil.disk_usage(next(p for p in (self.root, *self.root.parents) if p.exists())).free
         mine = None if free >= need else (f"rank {dist.get_rank()} has {free / 1e6:,.1f} MB free at {self.root} and "
                                           f"a checkpoint needs about {need / 1e6:,.1f} MB")
         everyone: list = [None] * dist.get_world_size()
