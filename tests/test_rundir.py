@@ -225,19 +225,26 @@ def test_a_stop_in_any_phase_sent_to_every_process_twice_loses_nothing(job, stra
     assert processes_of(run_dir) == []
 
 
-def test_a_full_disk_is_one_line_before_the_save_and_keeps_the_previous_checkpoint(job, tmp_path):
-    """Two ranks, checkpoints/ on a small tmpfs that holds one checkpoint, not two: the second save is
-    not begun (a rank failing inside megatron's save would leave the other waiting in its collectives
-    until the save limit)."""
+@pytest.mark.parametrize("disk", ["full", "read-only", "read-only run folder"])
+def test_a_disk_that_cannot_take_a_save_is_one_line_before_it(job, tmp_path, disk):
+    """Two ranks, checkpoints/ on a small tmpfs that holds one checkpoint, not two (or mounted
+    read-only): the save is not begun (a rank failing inside megatron's save would leave the other
+    waiting in its collectives until the save limit), and what was saved is kept. A read-only run
+    folder is refused before any work."""
     mount = tmp_path / "small"
     mount.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(mount)],
                       capture_output=True).returncode:
         pytest.skip("mounting a tmpfs needs root")
+    if disk.startswith("read-only"):
+        subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
     try:
-        run_dir = tmp_path / "run"
-        run_dir.mkdir()
-        (run_dir / "checkpoints").symlink_to(mount)
+        if disk == "read-only run folder":
+            run_dir = mount
+        else:
+            run_dir = tmp_path / "run"
+            run_dir.mkdir()
+            (run_dir / "checkpoints").symlink_to(mount)
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
         env.update(NPROC_PER_NODE="2", MASTER_PORT=str(_port()), PATH=f"{Path(sys.executable).parent}:{env['PATH']}")
         out = subprocess.run(["bash", str(Path(__file__).parents[1] / "launch" / "torchrun.sh"), str(job / "c.yaml"),
@@ -245,14 +252,22 @@ def test_a_full_disk_is_one_line_before_the_save_and_keeps_the_previous_checkpoi
                              env=env, capture_output=True, text=True, timeout=300)
         assert out.returncode == 2, out.stderr[-3000:]
         errors = [line for line in out.stderr.splitlines() if "error" in line.lower()]
-        kept = step_folders(mount)
-        assert kept and latest_checkpoint(mount) == kept[0] and all(incomplete(p) is None for p in kept)
         more = " (and 1 more rank(s))"  # both ranks write to the one disk
-        assert len(errors) == 1 and errors[0].startswith(
-            f"relaxrec train: error: not saving {run_dir / 'checkpoints'}/step_") \
-            and "a checkpoint needs about" in errors[0] and errors[0].endswith(
-            f"{more}; free space and relaunch: the run resumes from {run_dir / 'checkpoints' / kept[0].name}, "
-            "which is intact"), out.stderr[-3000:]
+        ckpts = run_dir / "checkpoints"
+        if disk == "read-only run folder":
+            assert errors == [f"relaxrec train: error: run.output_dir={run_dir}: cannot write there (Read-only file "
+                              "system); make it writable or choose another run.output_dir"], out.stderr[-3000:]
+        elif disk == "read-only":
+            assert errors == [f"relaxrec train: error: not saving {ckpts}/step_00000002: rank 0 cannot write to "
+                              f"{ckpts}: Read-only file system{more}; make it writable and relaunch: no checkpoint "
+                              "was saved yet"], out.stderr[-3000:]
+        else:
+            kept = step_folders(mount)
+            assert kept and latest_checkpoint(mount) == kept[0] and all(incomplete(p) is None for p in kept)
+            assert len(errors) == 1 and errors[0].startswith(f"relaxrec train: error: not saving {ckpts}/step_") \
+                and "a checkpoint needs about" in errors[0] and errors[0].endswith(
+                f"{more}; free space and relaunch: the run resumes from {ckpts / kept[0].name}, which is intact"), \
+                out.stderr[-3000:]
         assert processes_of(run_dir) == []
     finally:
         subprocess.run(["umount", str(mount)], capture_output=True)

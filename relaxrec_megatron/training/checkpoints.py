@@ -12,6 +12,7 @@ which newer ones it skipped and why.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -93,21 +94,31 @@ class CheckpointManager:
         return folder
 
     def _check_room(self, folder: Path) -> None:
-        """Every rank checks its disk has room for a checkpoint the size of the last one, and all learn
-        the answer: a rank whose write fails inside megatron's save leaves the others waiting in its
-        collectives until the save limit, so a save that cannot fit is not begun."""
+        """Every rank checks it can write to checkpoints/ and has room for a checkpoint the size of the
+        last one, and all learn the answer: a rank whose write fails inside megatron's save leaves the
+        others waiting in its collectives until the save limit, so a save that cannot succeed is not
+        begun."""
         previous = self.latest()
         need = _bytes_of(previous)
-        free = shutil.disk_usage(next(p for p in (self.root, *self.root.parents) if p.exists())).free
-        mine = None if free >= need else (f"rank {dist.get_rank()} has {free / 1e6:,.1f} MB free at {self.root} and "
-                                          f"a checkpoint needs about {need / 1e6:,.1f} MB")
+        existing = next(p for p in (self.root, *self.root.parents) if p.exists())
+        free = shutil.disk_usage(existing).free
+        trouble = _unwritable(existing)
+        rank = dist.get_rank()
+        if free < need:
+            mine = (f"rank {rank} has {free / 1e6:,.1f} MB free at {existing} and a checkpoint needs about "
+                    f"{need / 1e6:,.1f} MB", "free space")
+        elif trouble is not None:
+            mine = (f"rank {rank} cannot write to {existing}: {trouble.strerror or trouble}",
+                    "free space" if trouble.errno == errno.ENOSPC else "make it writable")
+        else:
+            mine = None
         everyone: list = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, mine)
         short = [m for m in everyone if m]
         if short:
-            more = f" (and {len(short) - 1} more rank(s))" if len(short) > 1 else ""
-            raise UserError(f"not saving {folder}: {short[0]}{more}; free space and relaunch: the run resumes "
-                            f"from {previous}, which is intact")
+            (what, fix), more = short[0], f" (and {len(short) - 1} more rank(s))" if len(short) > 1 else ""
+            resume = f"the run resumes from {previous}, which is intact" if previous else "no checkpoint was saved yet"
+            raise UserError(f"not saving {folder}: {what}{more}; {fix} and relaunch: {resume}")
 
     def load(self, trainer, folder: str | Path) -> None:
         from ..model import checkpoint as mckpt
@@ -152,6 +163,17 @@ def _optimizer_state_only(engine):
         yield
     finally:
         del engine.module_state_dict
+
+
+def _unwritable(folder: Path) -> OSError | None:
+    """The OSError that creating a file in `folder` meets (a read-only file system), or None."""
+    probe = folder / f".write-probe-{dist.get_rank()}"
+    try:
+        probe.touch()
+        probe.unlink()
+        return None
+    except OSError as e:
+        return e
 
 
 def _disk_trouble(folder: Path) -> OSError | None:

@@ -55,9 +55,9 @@ class RunLock:
     def acquire(self) -> None:
         me = {"pid": os.getpid(), "host": socket.gethostname(), "launch": launch_id(),
               "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
             try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 holder = self._holder()
@@ -71,6 +71,9 @@ class RunLock:
                       f"{holder.get('host')})", flush=True)
                 self.path.unlink(missing_ok=True)
                 continue
+            except OSError as e:  # a read-only file system, a folder of another user's
+                raise UserError(f"run.output_dir={self.path.parent}: cannot write there ({e.strerror}); make it "
+                                "writable or choose another run.output_dir") from None
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
             self.held = True
