@@ -8,6 +8,8 @@
   plan           `relaxrec plan`'s per-GPU total for that run against its measured peak (target: within 15%)
   train fp8      model.fp8 (tensorwise current scaling) against the bf16 run: loss agreement, speed
   te layers      the TE layer spec against the local spec on the same weights (bf16, FP8)
+  svd            `relaxrec convert`'s LoRA factors on the GPU against the CPU's (TinyLlama's 5632 x 2048
+                 MLP shape, rank 64, both methods): B A within 1e-5 relative, and the time of each
 
 FP8 lines say `skip` without Transformer Engine. Dependencies beyond torch: tools/gpu_requirements.txt.
 
@@ -250,6 +252,30 @@ def check_te_layers(a) -> bool:
     return ok
 
 
+def check_svd(a) -> bool:
+    from relaxrec_megatron.recursion.lora import lora_factors
+
+    shape = (256, 128) if a.tiny else (5632, 2048)
+    g = torch.Generator().manual_seed(0)
+    W, S = torch.randn(*shape, generator=g) * 0.02, torch.randn(*shape, generator=g) * 0.02
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ok, parts = True, []
+    for svd in ("exact", "randomized"):
+        times = {}
+        for where in ("cpu", device):
+            t = time.perf_counter()
+            f = lora_factors(W, S, 16 if a.tiny else 64, generator=torch.Generator().manual_seed(1), svd=svd,
+                             device=where)
+            times[where] = (time.perf_counter() - t, f.B @ f.A)
+        err = rel(times[device][1], times["cpu"][1])
+        limit = 1e-5 if svd == "exact" else 1e-3  # randomized: the same iteration, other kernels' rounding
+        ok &= err <= limit
+        parts.append(f"{svd}: B A {err:.1e} from the CPU's (<= {limit:g}), {times['cpu'][0]:.2f} s CPU, "
+                     f"{times[device][0]:.2f} s {device}")
+    line("svd", "ok" if ok else "FAILED", "; ".join(parts))
+    return ok
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=4, help="layers of the Gemma-shaped training model")
@@ -276,7 +302,8 @@ def main() -> int:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(f"{device}, torch {torch.__version__}, "
           f"Transformer Engine {'installed' if te_installed() else 'not installed'}", flush=True)
-    ok = check_training(a)
+    ok = check_svd(a)  # first: as `relaxrec convert` runs, with torch's default fp32 matmuls (no TF32)
+    ok &= check_training(a)
     if te_installed():
         ok &= check_te_layers(argparse.Namespace(**{**vars(a), "layers": a.te_layers, "rank": 64}))
     else:
