@@ -8,7 +8,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..files import check_output
 from ..hf.export import export_unrolled
-from ..model.folder import ACCEPTED, megatron_checkpoint, not_a_checkpoint
+from ..model.folder import MEGATRON_NAMES, local_checkpoint, not_a_checkpoint
 from .options import add_threads_arg, apply_threads
 
 
@@ -33,15 +33,11 @@ def add_parser(sub) -> None:
 
 
 def _megatron_source(source: str) -> Path | None:
-    """The Megatron dist checkpoint SOURCE names (a run, its checkpoints/, a step_N/ or the checkpoint
-    itself), or None for an HF folder; anything else is refused naming what would work."""
+    """The Megatron dist checkpoint SOURCE names, or None for an HF folder."""
     path = Path(source).expanduser()
     if not path.is_dir():
         raise not_a_checkpoint(source)
-    ckpt = megatron_checkpoint(path)
-    if ckpt is None and not (path / "config.json").is_file():
-        raise not_a_checkpoint(source)
-    return ckpt
+    return local_checkpoint(path, source)
 
 
 def run_relaxed(args) -> int:
@@ -49,7 +45,7 @@ def run_relaxed(args) -> int:
 
     ckpt = _megatron_source(args.source)
     if ckpt is None:
-        raise UserError(f"{args.source}: an HF folder, not a Megatron checkpoint; pass {ACCEPTED.split(', ', 1)[1]}")
+        raise UserError(f"{args.source}: an HF folder, not a Megatron checkpoint; pass {MEGATRON_NAMES}")
     megatron_to_relaxed(ckpt, args.output, overwrite=args.overwrite)
     if not args.quiet:
         print(f"wrote {args.output}")

@@ -10,6 +10,7 @@ A model reference is one of
 
 from __future__ import annotations
 
+import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 
 from ..errors import UserError
 from ..hf.checkpoint import HF_SIDE_FILES, resolve_model_dir
-from ..model.folder import megatron_checkpoint, not_a_checkpoint
+from ..model.folder import local_checkpoint
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -61,14 +62,12 @@ def _tokenizer(name: str, ref: str):
 
 def resolve(name: str, workdir: Path, tokenizer: str | None = None) -> EvalModel:
     """An HF folder and the tokenizer for `name`; Megatron checkpoints are exported under `workdir`."""
-    import json
-
     from ..hf.smollm import resolve_builtin
 
     source = resolve_builtin(name)
     path = Path(source).expanduser()
     if path.is_dir():
-        ckpt = megatron_checkpoint(path)
+        ckpt = local_checkpoint(path, name)
         if ckpt is not None:
             from ..model.checkpoint import read_config
             from ..model.convert_megatron import megatron_to_relaxed
@@ -80,8 +79,6 @@ def resolve(name: str, workdir: Path, tokenizer: str | None = None) -> EvalModel
             if tok is None:
                 raise UserError(f"{name}: no tokenizer beside the checkpoint or in its run; pass --tokenizer")
             return _checked(EvalModel(name, out, _tokenizer(name, tok), "megatron"), tok)
-        if not (path / "config.json").is_file():
-            raise not_a_checkpoint(name)
     folder = resolve_model_dir(source)
     model_type = json.loads((folder / "config.json").read_text()).get("model_type")
     kind = "relaxed" if model_type == "relaxed_recursive" else "vanilla"
@@ -90,8 +87,6 @@ def resolve(name: str, workdir: Path, tokenizer: str | None = None) -> EvalModel
 
 def _checked(model: EvalModel, tokenizer_ref: str) -> EvalModel:
     """Refuses a tokenizer whose ids the model's embedding does not have (an index error mid-scoring)."""
-    import json
-
     vocab = json.loads((model.folder / "config.json").read_text()).get("vocab_size")
     if vocab is not None and len(model.tokenizer) > vocab:
         raise UserError(f"{model.name}: the tokenizer from {tokenizer_ref} has {len(model.tokenizer)} tokens but the "

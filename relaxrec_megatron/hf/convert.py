@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +22,6 @@ from .layout import GLOBAL_PATHS, is_linear_weight, is_per_layer, layer_path, lo
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
-REMOTE_CODE = ("configuration_relaxrec.py", "modeling_relaxrec.py")
 REPORT_FILE = "relaxation_report.json"
 
 
@@ -167,9 +165,6 @@ def convert_to_relaxed(source: str, output: str | Path, spec: RecursionSpec, dty
         bar.close()
         writer.finish()
         write_hf_folder_files(tmp, json.loads(config.to_json_string()), reader.root)
-        here = Path(__file__).parent
-        for name in REMOTE_CODE:
-            shutil.copy2(here / name, tmp / name)
         report = {
             "metric": "||W - (W' + BA)||_F / ||W||_F per unrolled layer and module (fp32, before the cast to the output dtype)",
             "source": str(source), "loops": plan.num_loops, "strategy": plan.strategy.value, "init": spec.init.value,

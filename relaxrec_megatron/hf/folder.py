@@ -8,11 +8,13 @@ older readers look for `torch_dtype`.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from .checkpoint import copy_side_files
 
 RELAXED_CLASS = "RelaxedRecursiveForCausalLM"
+REMOTE_CODE = ("configuration_relaxrec.py", "modeling_relaxrec.py")  # a relaxed folder loads without this package
 SOURCE_CLASSES = {"llama": "LlamaForCausalLM", "gemma": "GemmaForCausalLM", "gpt_neox": "GPTNeoXForCausalLM"}
 GENERATION_FILE = "generation_config.json"
 TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -43,9 +45,13 @@ def generation_config(cfg: dict) -> dict:
 
 def write_hf_folder_files(folder: Path, cfg: dict, source: Path | None, dtype: str | None = None,
                           same_weights: bool = True) -> None:
-    """config.json, generation_config.json (the source's, or derived from cfg) and the source's side
-    files (tokenizer, chat template, exit calibration where the weights are the same)."""
+    """config.json, generation_config.json (the source's, or derived from cfg), the source's side files
+    (tokenizer, chat template, exit calibration where the weights are the same) and, in a relaxed
+    folder, the model's code for trust_remote_code."""
     (folder / "config.json").write_text(json.dumps(standard_config(cfg, dtype), indent=2, default=str))
+    if model_class(cfg) == RELAXED_CLASS:
+        for name in REMOTE_CODE:
+            shutil.copy2(Path(__file__).parent / name, folder / name)
     if source is not None:
         copy_side_files(Path(source), folder, same_weights=same_weights)
     if not (folder / GENERATION_FILE).is_file():

@@ -15,7 +15,7 @@ import torch
 
 from ..files import atomic_output_dir
 from ..hf.checkpoint import CheckpointReader, ShardedWriter, copy_side_files
-from ..hf.convert import REMOTE_CODE, REPORT_FILE
+from ..hf.convert import REPORT_FILE
 from ..hf.export import open_relaxed
 from ..hf.folder import write_hf_folder_files
 from ..parallel.distributed import single_process_group
@@ -67,9 +67,6 @@ def megatron_to_relaxed(checkpoint: str | Path, output: str | Path, overwrite: b
             writer.write(f"model-{shard}.safetensors", part)
         writer.finish()
         write_hf_folder_files(tmp, config, Path(checkpoint))
-        here = Path(__file__).resolve().parents[1] / "hf"
-        for name in REMOTE_CODE:
-            shutil.copy2(here / name, tmp / name)
         if (Path(checkpoint) / REPORT_FILE).is_file():
             shutil.copy2(Path(checkpoint) / REPORT_FILE, tmp / REPORT_FILE)
     CheckpointReader(output)  # the result must read back

@@ -12,8 +12,9 @@ from ..errors import UserError
 
 CONFIG_FILE = "relaxrec_config.json"  # the architecture and the recursion, beside the dist checkpoint
 LATEST_FILE = "latest"  # in a run's checkpoints/: names the newest step, as a hint for people
-ACCEPTED = ("an HF folder (config.json), a Megatron checkpoint (relaxrec_config.json), a training step folder "
-            "(step_N/), a run's checkpoints/ folder or the run folder")
+MEGATRON_NAMES = ("a Megatron checkpoint (relaxrec_config.json), a training step folder (step_N/), a run's "
+                  "checkpoints/ folder or the run folder")
+ACCEPTED = f"an HF folder (config.json), {MEGATRON_NAMES}"
 
 
 def is_megatron_checkpoint(folder) -> bool:
@@ -41,6 +42,15 @@ def megatron_checkpoint(path: str | Path) -> Path | None:
                                 "pass an earlier step_N/ that is")
             return step / "model"
     return None
+
+
+def local_checkpoint(path: Path, name: str) -> Path | None:
+    """For a local folder: the Megatron checkpoint it names, or None where it is an HF folder; any
+    other folder is refused in one line (`name` as the user wrote it)."""
+    ckpt = megatron_checkpoint(path)
+    if ckpt is None and not (Path(path) / "config.json").is_file():
+        raise not_a_checkpoint(name)
+    return ckpt
 
 
 def not_a_checkpoint(name: str) -> UserError:

@@ -75,7 +75,7 @@ class CheckpointManager:
                                                exclude_frozen_parameters=True)
             torch.save(rng_state(), folder / f"rng_rank{dist.get_rank()}.pt")
         except (OSError, RuntimeError) as e:  # a full disk, a read-only folder: this rank's one line, no half checkpoint
-            why = e if isinstance(e, OSError) else _disk_trouble(folder)  # torch.save reports ENOSPC as RuntimeError
+            why = e if isinstance(e, OSError) else _write_probe(folder.parent, 1 << 20)  # torch.save reports ENOSPC as RuntimeError
             if why is None:
                 raise
             shutil.rmtree(folder, ignore_errors=True)
@@ -102,7 +102,7 @@ class CheckpointManager:
         need = _bytes_of(previous)
         existing = next(p for p in (self.root, *self.root.parents) if p.exists())
         free = shutil.disk_usage(existing).free
-        trouble = _unwritable(existing)
+        trouble = _write_probe(existing, 0)
         rank = dist.get_rank()
         if free < need:
             mine = (f"rank {rank} has {free / 1e6:,.1f} MB free at {existing} and a checkpoint needs about "
@@ -165,24 +165,13 @@ def _optimizer_state_only(engine):
         del engine.module_state_dict
 
 
-def _unwritable(folder: Path) -> OSError | None:
-    """The OSError that creating a file in `folder` meets (a read-only file system), or None."""
+def _write_probe(folder: Path, size: int) -> OSError | None:
+    """The OSError that writing `size` bytes into a new file in `folder` meets now (a full disk, a
+    read-only file system), or None when the disk takes it."""
     probe = folder / f".write-probe-{dist.get_rank()}"
     try:
-        probe.touch()
-        probe.unlink()
-        return None
-    except OSError as e:
-        return e
-
-
-def _disk_trouble(folder: Path) -> OSError | None:
-    """The OSError that writing a megabyte beside `folder` meets now (a full disk, a read-only
-    folder), or None when the disk takes it."""
-    probe = folder.parent / f".write-probe-{dist.get_rank()}"
-    try:
         with open(probe, "wb") as f:
-            f.write(b"\0" * (1 << 20))
+            f.write(b"\0" * size)
             f.flush()
             os.fsync(f.fileno())
         return None
