@@ -12,6 +12,10 @@ from .startup import hold_stop_signals_if_training
 
 hold_stop_signals_if_training()  # before the imports that take seconds
 
+from .stack import check_stack  # noqa: E402
+
+check_stack()  # torch, transformers, megatron-core and DeepSpeed inside their supported ranges
+
 from transformers import AutoConfig  # noqa: E402
 
 from .hf.configuration_relaxrec import RelaxedRecursiveConfig  # noqa: E402

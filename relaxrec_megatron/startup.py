@@ -17,17 +17,26 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP, si
 CLI_MODULE = "relaxrec_megatron.cli.main"
 
 
-def is_train_command(argv: list[str]) -> bool:
-    """argv as sys.orig_argv: `python [options] -m relaxrec_megatron.cli.main train ...` (torchrun's
-    workers, the launchers) or `python .../relaxrec train ...` (the console script), not printing the
-    config."""
-    rest = None
+def cli_args(argv: list[str]) -> list[str] | None:
+    """The command line after the program, when argv (as sys.orig_argv) runs the CLI: `python [options]
+    -m relaxrec_megatron.cli.main ...` (torchrun's workers, the launchers) or `python .../relaxrec ...`
+    (the console script); None for any other program."""
     if len(argv) > 1 and os.path.basename(argv[1]) == "relaxrec":
-        rest = argv[2:]
-    elif "-m" in argv[1:]:
+        return argv[2:]
+    if "-m" in argv[1:]:
         at = argv.index("-m", 1)
         if argv[at + 1:at + 2] == [CLI_MODULE]:
-            rest = argv[at + 2:]
+            return argv[at + 2:]
+    return None
+
+
+def is_cli(argv: list[str]) -> bool:
+    return cli_args(argv) is not None
+
+
+def is_train_command(argv: list[str]) -> bool:
+    """`relaxrec train ...`, not printing the config."""
+    rest = cli_args(argv)
     return bool(rest) and rest[0] == "train" and "--print-config" not in rest
 
 

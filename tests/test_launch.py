@@ -138,6 +138,7 @@ def assert_stopped_with_a_checkpoint(launch: Launch, run_dir: Path, rc: int) -> 
 
 
 @pytest.mark.slow
+@pytest.mark.oldest
 def test_usr1_to_torchrun_saves_exits_and_the_relaunch_resumes_exactly(job, straight):
     run_dir = job / "usr1"
     launch = train_launch(job, "usr1", env_for())
@@ -344,11 +345,21 @@ def test_torchrun_wrapper_multi_node_from_env():
     assert bad.returncode == 2 and "no such config" in bad.stderr
 
 
-def test_gpu_requirements_are_pyprojects_dependencies_beyond_torch():
-    import tomllib
+def test_a_torchrun_without_shutdown_timeout_gets_the_wait_from_the_launcher(capsys):
+    """The torchrun of torch 2.10 and 2.11 has no --shutdown-timeout and waits a fixed 30 s for the
+    workers after forwarding a stop: the launcher drops the options a torchrun lacks, says so for all
+    but that one, and makes its own agent wait the asked time."""
+    from relaxrec_megatron.parallel.torchrun import supported
 
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    want = [d for d in project["dependencies"] if not d.startswith("torch")] + project["optional-dependencies"]["te"]
-    got = [ln for ln in (ROOT / "tools" / "gpu_requirements.txt").read_text().splitlines()
-           if ln.strip() and not ln.startswith("#")]
-    assert got == want
+    tail = ["-m", "relaxrec_megatron.cli.main", "train", "--config", "c.yaml", "optim.lr=1"]
+    argv = ["--nnodes=1", "--signals-to-handle=SIGTERM,SIGUSR1", "--shutdown-timeout=240", *tail]
+    assert supported(argv, known={"--nnodes", "--signals-to-handle", "--shutdown-timeout"}) == (argv, {})
+    keep, dropped = supported(argv, known={"--nnodes"})
+    assert keep == ["--nnodes=1", *tail]
+    assert dropped == {"--signals-to-handle": "SIGTERM,SIGUSR1", "--shutdown-timeout": "240"}
+    assert capsys.readouterr().err == "[launch] this torchrun has no --signals-to-handle: running without\n"
+    probe = ("import inspect; from torch.distributed.elastic.multiprocessing import api; "
+             "from relaxrec_megatron.parallel.torchrun import wait_on_stop; wait_on_stop(240); "
+             "print(inspect.signature(api.PContext.close).parameters['timeout'].default)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["240"], out.stderr[-2000:]

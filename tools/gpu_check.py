@@ -11,7 +11,10 @@
   svd            `relaxrec convert`'s LoRA factors on the GPU against the CPU's (TinyLlama's 5632 x 2048
                  MLP shape, rank 64, both methods): B A within 1e-5 relative, and the time of each
 
-FP8 lines say `skip` without Transformer Engine. Dependencies beyond torch: tools/gpu_requirements.txt.
+FP8 lines say `skip` without Transformer Engine. Runs from the checkout: with the package installed, or
+with the wheels of tools/gpu_wheels.sh on PYTHONPATH on a machine that has only torch and transformers
+(docs/gpu.md). Everything it writes lives in one temporary folder, deleted at the end (about 10 GB at
+the default sizes: no run keeps a checkpoint).
 
     python tools/gpu_check.py [--layers 4] [--seq 2048] [--steps 10]
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -28,7 +32,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
+TOOLS = Path(__file__).resolve().parent
+sys.path.insert(0, str(TOOLS))
+sys.path.append(str(TOOLS.parent))  # the checkout's package, where none is installed
 from bench_model import settings_dict  # noqa: E402
 
 
@@ -87,10 +93,17 @@ def random_tokens(prefix: Path, vocab: int, docs: int, length: int) -> Path:
 
 def check_training(a) -> bool:
     """bf16 relaxed (KD), vanilla, and FP8 runs of the real trainer, one spawned process each."""
+    root = Path(tempfile.mkdtemp(prefix="gpu_check_"))
+    try:
+        return train_and_compare(a, root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def train_and_compare(a, root: Path) -> bool:
     from relaxrec_megatron.parallel.local_world import run_world
     from relaxrec_megatron.training.run import train_entry
 
-    root = Path(tempfile.mkdtemp(prefix="gpu_check_"))
     widths = TINY if a.tiny else GEMMA_2B
     source = gemma_shaped_source(root / "src", a.layers, widths)
     data = random_tokens(root / "data", widths["vocab_size"], docs=400, length=a.seq * 2)
@@ -102,7 +115,7 @@ data: {{blend: [1.0, {data}], split: "99,1,0", seq_length: {a.seq}}}
 optim: {{global_batch_size: {2 * a.micro}, micro_batch_size: {a.micro}, train_steps: {a.steps}, lr: 1.0e-5,
         warmup_steps: 1}}
 kd: {{enabled: true}}
-checkpoint: {{save_every: 100000, resume: none}}
+checkpoint: {{save_every: 100000, save_final: false, resume: none}}
 eval: {{every: 0}}
 logging: {{every: 1000, wandb_mode: disabled}}
 """)
@@ -145,7 +158,7 @@ logging: {{every: 1000, wandb_mode: disabled}}
         ok = False
         line("train vanilla", "FAILED", f"{type(e).__name__}: {str(e).splitlines()[-1][:300]}")
     if not te_installed():
-        line("train fp8", "skip", "Transformer Engine is not installed (pip install -r tools/gpu_requirements.txt)")
+        line("train fp8", "skip", "Transformer Engine is not installed (pip install 'relaxrec-megatron[te]')")
         return ok
     try:
         fp8 = train("fp8", ["model.fp8=true", "model.fp8_first_last_bf16=true"])
@@ -298,10 +311,15 @@ def main() -> int:
     elif not torch.cuda.is_available():
         print("gpu_check: no CUDA device; run this on a GPU machine (or --tiny for a smoke run)", file=sys.stderr)
         return 2
+    from relaxrec_megatron.console import quiet_third_party
+
+    quiet_third_party()  # the libraries' import-time notices; --verbose-style output with RELAXREC_VERBOSE=1
     t0 = time.time()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    print(f"{device}, torch {torch.__version__}, "
-          f"Transformer Engine {'installed' if te_installed() else 'not installed'}", flush=True)
+    import relaxrec_megatron
+
+    print(f"{device}, torch {torch.__version__}, Transformer Engine {'installed' if te_installed() else 'not installed'}"
+          f", relaxrec_megatron from {Path(relaxrec_megatron.__file__).parent}", flush=True)
     ok = check_svd(a)  # first: as `relaxrec convert` runs, with torch's default fp32 matmuls (no TF32)
     ok &= check_training(a)
     if te_installed():

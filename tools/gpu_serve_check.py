@@ -28,7 +28,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.append(str(ROOT))  # the checkout's package, where none is installed (tools/gpu_wheels.sh's is)
+# --tiny: the same rows' code paths in seconds, on any machine
+TINY = dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -47,7 +50,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--schedule", choices=("bytes", "all"), default="bytes")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--exit-traces", default=None, help="a file of `relaxrec bench serve --save-traces`")
-    return p.parse_args(argv)
+    p.add_argument("--tiny", action="store_true", help="tiny widths, 2 loops, 8 short requests, 1 repeat")
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.loops, args.rank, args.requests, args.repeat = [2], min(args.rank, 8), 8, 1
+        args.prompt_mean, args.gen_mean = min(args.prompt_mean, 16), min(args.gen_mean, 16)
+    return args
 
 
 def replayed(path: str, vocab: int) -> tuple[int, list, dict]:
@@ -61,11 +69,12 @@ def replayed(path: str, vocab: int) -> tuple[int, list, dict]:
     return saved["loops"], trace, {f"{mode} (replayed)": t for mode, t in saved["traces"].items()}
 
 
-def random_source(config_path: str, folder: Path) -> int:
-    """A random-weight HF model with the config's shapes in `folder`; returns its vocabulary size."""
+def random_source(config_path: str | None, folder: Path) -> int:
+    """A random-weight HF model with the config's shapes (TINY's without one) in `folder`; returns its
+    vocabulary size."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    fields = json.loads(Path(config_path).read_text())
+    fields = json.loads(Path(config_path).read_text()) if config_path else dict(TINY)
     config = AutoConfig.for_model(fields.pop("model_type"), **fields)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(folder)
@@ -76,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from transformers import AutoModelForCausalLM
 
+    import relaxrec_megatron
     from relaxrec_megatron import register
     from relaxrec_megatron.hf.convert import RecursionSpec, convert_to_relaxed
     from relaxrec_megatron.inference.bench import TraceSpec, format_rows, make_trace, run_benchmark
@@ -86,9 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    print(f"{name}; torch {torch.__version__}; {args.dtype}; CDB schedule {args.schedule}", flush=True)
+    print(f"{name}; torch {torch.__version__}; {args.dtype}; CDB schedule {args.schedule}; relaxrec_megatron from "
+          f"{Path(relaxrec_megatron.__file__).parent}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        vocab = random_source(args.config, Path(tmp) / "source")
+        vocab = random_source(None if args.tiny else args.config, Path(tmp) / "source")
         corpus = torch.randint(0, vocab, (100_000,), generator=torch.Generator().manual_seed(0)).tolist()
         spec = TraceSpec(args.requests, args.prompt_mean, args.prompt_mean / 4, args.gen_mean, args.gen_mean / 4)
         trace, replay = make_trace(spec, corpus), None
@@ -105,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             exit_prob = args.exit_prob if args.exit_prob >= 0 else None
             rows = run_benchmark(engine_weights(model), trace, args.max_batch, max_len, simulate_too=True,
                                  exit_prob=exit_prob, repeats=args.repeat, schedule=args.schedule, replay=replay)
-            title = (f"\n{Path(args.config).stem} shapes, random weights, {loops} loops, rank {args.rank}: "
+            shapes = "tiny" if args.tiny else Path(args.config).stem
+            title = (f"\n{shapes} shapes, random weights, {loops} loops, rank {args.rank}: "
                      f"{len(trace)} requests, max batch {args.max_batch} ({time.perf_counter() - start:.0f} s)")
             print(format_rows(rows, title), flush=True)
     return 0

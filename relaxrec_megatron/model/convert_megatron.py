@@ -41,13 +41,28 @@ def relaxed_to_megatron(relaxed: str | Path, output: str | Path, overwrite: bool
     return Path(output)
 
 
-def megatron_to_relaxed(checkpoint: str | Path, output: str | Path, overwrite: bool = False) -> Path:
+def load_plain_tensors(checkpoint: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a Megatron dist checkpoint, whole. megatron-core's own load_plain_tensors hands
+    every field of torch's TensorProperties to torch.empty, and torch 2.15 added one (strides) that
+    torch.empty does not take; these templates take the dtype only, on any torch."""
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+    metadata = FileSystemReader(str(checkpoint)).read_metadata()
+    template = {
+        name: ShardedTensor.from_rank_offsets(name, torch.empty(m.size, dtype=m.properties.dtype, device="meta"))
+        .without_data() for name, m in metadata.state_dict_metadata.items() if isinstance(m, TensorStorageMetadata)
+    }
+    return dist_checkpointing.load(template, str(checkpoint), validate_access_integrity=False)
+
+
+def megatron_to_relaxed(checkpoint: str | Path, output: str | Path, overwrite: bool = False) -> Path:
     config = read_config(checkpoint)
     groups, heads, hd = config["num_key_value_heads"], config["num_attention_heads"], config["head_dim"]
     with single_process_group():
-        tensors = dist_checkpointing.load_plain_tensors(str(checkpoint))
+        tensors = load_plain_tensors(checkpoint)
     relaxed: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
         members = qkv_members(name)

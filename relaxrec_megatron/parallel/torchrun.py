@@ -14,7 +14,10 @@ defaults, with three additions:
   complete checkpoint stands). Workers that all exited 2 (a UserError, said by rank 0) end it with
   2. Otherwise torchrun's own outcome (and report) stands;
 - the workers learn the agent's PID (RELAXREC_AGENT_PID), so that they die with it
-  (parallel.process), and options this torchrun does not know are dropped, saying so.
+  (parallel.process), and options this torchrun does not know are dropped, saying so; but for
+  --shutdown-timeout, which torch 2.10 and 2.11 lack (their torchrun waits a fixed 30 s for the
+  workers after forwarding a stop, less than a large model's save takes): there this process waits
+  that long itself.
 """
 
 from __future__ import annotations
@@ -47,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not any(a.split("=")[0] in ("--signals-to-handle", "--signals_to_handle") for a in argv):
         argv = [f"--signals-to-handle={FORWARDED}", *argv]
-    argv = supported(argv)
+    argv, dropped = supported(argv)
+    if "--shutdown-timeout" in dropped:
+        wait_on_stop(float(dropped["--shutdown-timeout"]))
     try:
         check_run(argv)
     except UserError as e:
@@ -94,25 +99,42 @@ def check_run(argv: list[str]) -> None:
     preflight(load_config(config, overrides), world)
 
 
-def supported(argv: list[str]) -> list[str]:
-    """argv without the options this torchrun does not know (--signals-to-handle and
-    --shutdown-timeout came in later releases), saying which are dropped."""
-    from torch.distributed.run import get_args_parser
+def supported(argv: list[str], known: set[str] | None = None) -> tuple[list[str], dict[str, str]]:
+    """(argv without the options this torchrun does not know, {dropped option: its value}); says which
+    are dropped, but for --shutdown-timeout, which wait_on_stop applies. --signals-to-handle and
+    --shutdown-timeout came in later releases."""
+    if known is None:
+        from torch.distributed.run import get_args_parser
 
-    known = get_args_parser()._option_string_actions
+        known = set(get_args_parser()._option_string_actions)
     command = next((i for i, a in enumerate(argv) if not a.startswith("-")), len(argv))
     if "-m" in argv[:command]:
         command = argv.index("-m")
-    keep, dropped = [], []
+    keep, dropped = [], {}
     for i, a in enumerate(argv):
-        option = a.split("=")[0]
-        if i < command and option.startswith("--") and option not in known and "=" in a:
-            dropped.append(option)
+        option, _, value = a.partition("=")
+        if i < command and option.startswith("--") and option not in known and value:
+            dropped[option] = value
         else:
             keep.append(a)
-    if dropped:
-        print(f"[launch] this torchrun has no {', '.join(dropped)}: running without", file=sys.stderr, flush=True)
-    return keep
+    told = [o for o in dropped if o != "--shutdown-timeout"]
+    if told:
+        print(f"[launch] this torchrun has no {', '.join(told)}: running without", file=sys.stderr, flush=True)
+    return keep, dropped
+
+
+def wait_on_stop(seconds: float) -> None:
+    """What --shutdown-timeout does, for a torchrun without it: after forwarding a stop signal, the
+    agent waits `seconds` for its workers (to finish their save) before it kills them. This process
+    is the agent; nothing else is changed."""
+    from torch.distributed.elastic.multiprocessing import api
+
+    close = api.PContext.close
+
+    def close_waiting(self, death_sig=None, timeout=seconds):
+        return close(self, death_sig, timeout)
+
+    api.PContext.close = close_waiting
 
 
 if __name__ == "__main__":

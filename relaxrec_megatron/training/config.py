@@ -129,6 +129,7 @@ EXIT_DISTILL = ("final", "teacher", "none")
 @dataclass
 class CheckpointConfig:
     save_every: int = 1000
+    save_final: bool = True  # false: a benchmark's run ends without a checkpoint of its last step
     keep_last: int = 3
     resume: str = "auto"  # auto | none | path
     save_timeout_min: float = 30.0  # a save that takes longer ends the run as stalled
@@ -278,6 +279,9 @@ class TrainConfig:
             raise UserError("kd.alpha must be in [0, 1] and kd.temperature > 0")
         if not isinstance(self.eval.tasks, list) or not all(isinstance(t, str) for t in self.eval.tasks):
             raise UserError(f"eval.tasks must be a list of task names, got {self.eval.tasks!r}")
+        if self.eval.tasks and not self.checkpoint.save_final:
+            raise UserError("eval.tasks scores the final checkpoint, which checkpoint.save_final=false leaves out; "
+                            "drop one of them")
         if len(self.data.blend) % 2 or not self.data.blend:
             raise UserError("data.blend must be a non-empty list of weight, prefix pairs")
         if world_size is not None:

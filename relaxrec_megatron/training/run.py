@@ -266,7 +266,8 @@ def _train(cfg: TrainConfig, run_dir: Path, signals, hooks) -> list[dict]:
             logger.record(rec)
             bar.update(1)
             done = trainer.step >= cfg.optim.train_steps
-            save = done or trainer.stop_requested or rec["step"] % cfg.checkpoint.save_every == 0
+            save = ((done and cfg.checkpoint.save_final) or trainer.stop_requested
+                    or rec["step"] % cfg.checkpoint.save_every == 0)
             if save or rec["step"] % cfg.logging.every == 0:
                 logger.flush(bar)
             evaluated = bool(cfg.eval.every and rec["step"] % cfg.eval.every == 0 and valid_ds is not None
