@@ -103,3 +103,16 @@ def test_bench_serve_at_the_calibrated_threshold_saves_traces_and_plots(chat_mod
     # threshold 0: every decoded token leaves at the first loop; the prefill's token runs both
     assert saved["traces"]["CDB + maxprob>=0"] == [[1, 0, 0], [1, 0, 0]]
     assert png.stat().st_size > 10_000
+
+
+def test_bench_serve_takes_a_megatron_checkpoint(chat_model, tmp_path, capsys):
+    """--model takes what eval, export and generate take: here a Megatron checkpoint, served as its
+    relaxed HF export with the tokenizer saved beside it."""
+    from relaxrec_megatron.cli.main import main
+    from relaxrec_megatron.model.convert_megatron import relaxed_to_megatron
+
+    relaxed_to_megatron(chat_model[0], tmp_path / "megatron")
+    assert main(["bench", "serve", "--model", str(tmp_path / "megatron"), "--requests", "2", "--gen-mean", "3",
+                 "--gen-std", "0", "--prompt-mean", "5", "--repeat", "1", "--exit-prob", "-1"]) == 0
+    out = capsys.readouterr().out
+    assert "\nmegatron\n" in out and "CDB, no exits" in out

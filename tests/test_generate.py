@@ -37,6 +37,7 @@ def test_generate_cli_prompts_from_a_file(chat_model, tmp_path, capsys):
     (["generate", "{folder}"], "no prompts"),
     (["generate", "{folder}", "--file", "/nonexistent/p.txt"], "no such file"),
     (["generate", "{src}", "hi"], "the engine serves relaxed recursive checkpoints"),
+    (["generate", "{parent}", "hi"], "not a checkpoint; pass an HF folder (config.json), a Megatron checkpoint"),
     (["generate", "{folder}", "hi", "--max-new-tokens", "0"], "must be >= 1"),
     (["generate", "{folder}", "hi", "--max-batch", "0"], "must be >= 1"),
     (["generate", "{folder}", "hi", "--exit", "maxprob", "--threshold", "1.5"], "lies in [0, 1]"),
@@ -45,7 +46,22 @@ def test_generate_cli_errors(chat_model, capsys, argv, message):
     from relaxrec_megatron.cli.main import main
 
     folder, _ = chat_model
-    argv = [a.format(folder=folder, src=folder.parent / "src") for a in argv]
+    argv = [a.format(folder=folder, src=folder.parent / "src", parent=folder.parent) for a in argv]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+def test_generate_takes_a_megatron_checkpoint_as_its_hf_export(chat_model, tmp_path, capsys):
+    """The same references as eval and export: a Megatron checkpoint generates what its relaxed HF
+    source does, with the tokenizer saved beside it."""
+    from relaxrec_megatron.cli.main import main
+    from relaxrec_megatron.model.convert_megatron import relaxed_to_megatron
+
+    folder, _ = chat_model
+    relaxed_to_megatron(folder, tmp_path / "megatron")
+    outs = []
+    for ref in (folder, tmp_path / "megatron"):
+        assert main(["generate", str(ref), "The capital of France is", "--max-new-tokens", "8"]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1] and len(outs[0]) > len("The capital of France is")

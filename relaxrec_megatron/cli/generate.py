@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import sys
+import tempfile
 from pathlib import Path
 
-import torch
-
 from ..errors import UserError
-from .options import exit_threshold, require_served_checkpoint
+from ..model.folder import MEGATRON_NAMES
+from .options import exit_threshold
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate text with the serving engine", description=__doc__)
-    p.add_argument("model", help="relaxed recursive HF checkpoint folder")
+    p.add_argument("model", help=f"a relaxed recursive HF checkpoint folder or {MEGATRON_NAMES}")
     p.add_argument("prompts", nargs="*", help="prompts (or --file)")
     p.add_argument("--file", default=None, help="one prompt per line")
+    p.add_argument("--tokenizer", default=None, help="default: the one beside the checkpoint (or its run's source)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--mode", choices=["cdb", "seq", "static"], default="cdb")
     p.add_argument("--max-batch", type=int, default=8)
@@ -28,13 +29,9 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .. import register
+    from ..evaluation.models import load, resolve
     from ..inference.engine import Engine, ExitPolicy, Request, mean_loops_per_token
     from ..inference.weights import engine_weights
-
-    register()
 
     prompts = list(args.prompts)
     if args.file:
@@ -46,10 +43,14 @@ def run(args) -> int:
         raise UserError("no prompts: pass them as arguments or with --file")
     if args.max_new_tokens < 1 or args.max_batch < 1:
         raise UserError("--max-new-tokens and --max-batch must be >= 1")
-    require_served_checkpoint(args.model)
-    threshold = exit_threshold(args.threshold, args.model, args.exit)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    with tempfile.TemporaryDirectory(prefix="relaxrec-generate-") as tmp:  # a Megatron checkpoint's HF export
+        ref = resolve(args.model, Path(tmp), args.tokenizer)
+        if ref.kind == "vanilla":
+            raise UserError(f"{args.model}: a vanilla checkpoint; the engine serves relaxed recursive checkpoints "
+                            "(make one with `relaxrec convert`)")
+        threshold = exit_threshold(args.threshold, str(ref.folder), args.exit)
+        model = load(ref, dtype="fp32")
+    tokenizer = ref.tokenizer
     reqs = [Request(tokenizer(p).input_ids, args.max_new_tokens, eos_token_id=tokenizer.eos_token_id, id=i)
             for i, p in enumerate(prompts)]
     max_len = max(len(r.prompt) for r in reqs) + args.max_new_tokens

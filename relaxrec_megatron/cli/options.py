@@ -81,16 +81,6 @@ def checkpoint_model_type(folder: str) -> str | None:
     return json.loads(config.read_text()).get("model_type") if config.is_file() else None
 
 
-def require_served_checkpoint(folder: str) -> None:
-    """The serving engine's input: a relaxed recursive HF checkpoint folder."""
-    model_type = checkpoint_model_type(folder)
-    if model_type is None:
-        raise UserError(f"{folder}: not a checkpoint folder (no config.json)")
-    if model_type != "relaxed_recursive":
-        raise UserError(f"{folder}: model_type {model_type!r}; the engine serves relaxed recursive "
-                        "checkpoints (make one with `relaxrec convert`)")
-
-
 def resolve_device(device: str | None) -> str:
     """cpu or a CUDA device this machine has (default: cuda when present, else cpu). Asks CUDA itself:
     a probe tensor would not fail where the CPU mode of megatron-core maps cuda to the CPU."""

@@ -1,7 +1,8 @@
 """The kinds of folder that hold this project's Megatron checkpoints, told apart by their files:
 a dist checkpoint (`relaxrec_config.json` beside it), a training checkpoint `step_N/` (holding
 `model/`), a run's `checkpoints/` folder, and the run folder itself. Every command that takes a
-checkpoint (eval, export) resolves it here; telling a kind needs no megatron-core import (seconds).
+checkpoint (eval, export, generate, bench serve) resolves it here; telling a kind needs no
+megatron-core import (seconds).
 """
 
 from __future__ import annotations
