@@ -10,7 +10,7 @@ import torch
 
 from ..errors import UserError
 from ..model.folder import MEGATRON_NAMES
-from .options import exit_threshold, require_matplotlib, resolve_device
+from .options import exit_threshold, require_matplotlib, resolve_device, served_model
 
 
 def add_parser(sub) -> None:
@@ -106,12 +106,7 @@ def serve(args, workdir: Path) -> int:
         raise UserError("--prompt-mean and --gen-mean must be >= 1 (tokens), --prompt-std and --gen-std >= 0")
     args.served = None
     if args.model:
-        from ..evaluation.models import resolve
-
-        args.served = resolve(args.model, workdir)
-        if args.served.kind == "vanilla":
-            raise UserError(f"{args.model}: a vanilla checkpoint; the engine serves relaxed recursive checkpoints "
-                            "(make one with `relaxrec convert`)")
+        args.served = served_model(args.model, workdir)
     elif min(args.loops) < 1 or args.rank < 0:
         raise UserError("--loops must be >= 1 and --rank >= 0")
     args.device = resolve_device(args.device)

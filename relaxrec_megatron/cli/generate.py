@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..model.folder import MEGATRON_NAMES
-from .options import exit_threshold
+from .options import exit_threshold, served_model
 
 
 def add_parser(sub) -> None:
@@ -29,7 +29,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..evaluation.models import load, resolve
+    from ..evaluation.models import load
     from ..inference.engine import Engine, ExitPolicy, Request, mean_loops_per_token
     from ..inference.weights import engine_weights
 
@@ -44,10 +44,7 @@ def run(args) -> int:
     if args.max_new_tokens < 1 or args.max_batch < 1:
         raise UserError("--max-new-tokens and --max-batch must be >= 1")
     with tempfile.TemporaryDirectory(prefix="relaxrec-generate-") as tmp:  # a Megatron checkpoint's HF export
-        ref = resolve(args.model, Path(tmp), args.tokenizer)
-        if ref.kind == "vanilla":
-            raise UserError(f"{args.model}: a vanilla checkpoint; the engine serves relaxed recursive checkpoints "
-                            "(make one with `relaxrec convert`)")
+        ref = served_model(args.model, Path(tmp), args.tokenizer)
         threshold = exit_threshold(args.threshold, str(ref.folder), args.exit)
         model = load(ref, dtype="fp32")
     tokenizer = ref.tokenizer

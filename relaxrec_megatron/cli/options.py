@@ -81,6 +81,18 @@ def checkpoint_model_type(folder: str) -> str | None:
     return json.loads(config.read_text()).get("model_type") if config.is_file() else None
 
 
+def served_model(name: str, workdir: Path, tokenizer: str | None = None):
+    """The serving engine's input (evaluation.models.resolve: an HF folder, or a Megatron checkpoint
+    exported under `workdir`), refused in one line when it is a vanilla model."""
+    from ..evaluation.models import resolve
+
+    model = resolve(name, workdir, tokenizer)
+    if model.kind == "vanilla":
+        raise UserError(f"{name}: a vanilla checkpoint; the engine serves relaxed recursive checkpoints "
+                        "(make one with `relaxrec convert`)")
+    return model
+
+
 def resolve_device(device: str | None) -> str:
     """cpu or a CUDA device this machine has (default: cuda when present, else cpu). Asks CUDA itself:
     a probe tensor would not fail where the CPU mode of megatron-core maps cuda to the CPU."""
