@@ -13,8 +13,8 @@
 
 FP8 lines say `skip` without Transformer Engine. Runs from the checkout: with the package installed, or
 with the wheels of tools/gpu_wheels.sh on PYTHONPATH on a machine that has only torch and transformers
-(docs/gpu.md). Everything it writes lives in one temporary folder, deleted at the end (about 10 GB at
-the default sizes: no run keeps a checkpoint).
+(docs/gpu.md). Everything it writes lives in one temporary folder, deleted at the end (an estimated
+10 GB at the default sizes: no run keeps a checkpoint).
 
     python tools/gpu_check.py [--layers 4] [--seq 2048] [--steps 10]
 """
