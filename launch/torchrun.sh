@@ -23,6 +23,12 @@
 # parallel file system, the step in flight a few seconds more. The exit status is then 75
 # (EX_TEMPFAIL: relaunch; `checkpoint.resume: auto` continues from that checkpoint).
 set -euo pipefail
+# a stop signal before the launcher holds it (it does from its first import): a stop like any other
+stopped() {
+    echo "[launch] stopped by SIG$1 before this attempt saved a checkpoint; relaunch with checkpoint.resume=auto to continue from the last complete one" >&2
+    exit 75
+}
+for sig in TERM INT HUP QUIT USR1; do trap "stopped $sig" "$sig"; done
 if [ $# -lt 1 ]; then
     echo "usage: launch/torchrun.sh CONFIG.yaml [dotted.key=value ...]" >&2
     exit 2

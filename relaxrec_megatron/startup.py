@@ -1,10 +1,12 @@
-"""The first thing a `relaxrec train` process does: hold its stop signals.
+"""The first thing a `relaxrec train` process and its launcher do: hold their stop signals.
 
 Importing the package takes seconds (transformers; more from a cluster's shared file system), and a
 stop signal's default action in that time would end the process with the signal instead of exit 75:
-a preempted SLURM job would then not be requeued. So the package, on import by the train command and
-before anything else, blocks the stop signals; they stay pending until training.stops takes them.
-Standard library only.
+a preempted SLURM job would then not be requeued (SLURM signals every process of the job step, the
+launcher's agent too, and a preemption can come as a job starts). So the package, on import by the
+train command or by the launcher of one (parallel.torchrun) and before anything else, blocks the
+stop signals; they stay pending until training.stops, or the launcher, takes them. Standard library
+only.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import sys
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 CLI_MODULE = "relaxrec_megatron.cli.main"
+LAUNCHER_MODULE = "relaxrec_megatron.parallel.torchrun"
 
 
 def cli_args(argv: list[str]) -> list[str] | None:
@@ -40,6 +43,16 @@ def is_train_command(argv: list[str]) -> bool:
     return bool(rest) and rest[0] == "train" and "--print-config" not in rest
 
 
+def is_train_launch(argv: list[str]) -> bool:
+    """`python -m relaxrec_megatron.parallel.torchrun [options] -m relaxrec_megatron.cli.main train ...`."""
+    if "-m" not in argv[1:]:
+        return False
+    at = argv.index("-m", 1)
+    rest = argv[at + 2:]
+    return argv[at + 1:at + 2] == [LAUNCHER_MODULE] and "-m" in rest and is_train_command(argv[:1] + rest[rest.index("-m"):])
+
+
 def hold_stop_signals_if_training() -> None:
-    if is_train_command(getattr(sys, "orig_argv", [])):
+    argv = getattr(sys, "orig_argv", [])
+    if is_train_command(argv) or is_train_launch(argv):
         signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)

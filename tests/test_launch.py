@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from procs import cmdline, processes_of
+from procs import blocks, cmdline, processes_of
 from tiny import save_run_config, save_token_corpus
 
 from relaxrec_megatron.errors import EXIT_REQUEUE
@@ -162,6 +162,51 @@ def test_sigterm_to_torchrun_saves_and_exits(job, straight):
     assert losses(run_dir) == straight[:done]
 
 
+def children(pid: int) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(proc.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def holding(pids) -> bool:
+    return bool(pids) and all(blocks(pid, signal.SIGUSR1) for pid in pids)
+
+
+STARTING = {  # a phase of a launch's start-up -> whether the launch is in it now
+    "shell": lambda launch, run_dir: bool(children(launch.proc.pid)),  # launch/torchrun.sh's Python check
+    "agent": lambda launch, run_dir: "parallel.torchrun" in cmdline(launch.proc.pid)  # importing, preflight
+    and holding([launch.proc.pid]),
+    "workers": lambda launch, run_dir: len(agent_and_workers(run_dir)[1]) == 2  # importing, building the model
+    and holding(list(agent_and_workers(run_dir)[1].values())),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", list(STARTING))
+def test_a_stop_while_the_launch_starts_ends_it_as_a_stop(job, phase):
+    """SLURM signals every process of the job step, and a preemption can come as a job starts: in the
+    launcher's shell, while its agent imports, while the workers start. Each ends the launch as a stop
+    (exit 75 for a requeue, one line) without a traceback and leaves no process. (A Python process holds
+    its stop signals from the package's first line: the interpreter's own start-up before it, a few
+    milliseconds, is the one time a stop signal still ends it.)"""
+    run_dir = job / f"early-{phase}"
+    launch = train_launch(job, run_dir.name, env_for())
+    end = time.time() + 120
+    while not STARTING[phase](launch, run_dir):
+        assert launch.proc.poll() is None and time.time() < end, launch.console()
+        time.sleep(0.002)
+    os.killpg(launch.proc.pid, signal.SIGUSR1)
+    assert launch.wait(120) == EXIT_REQUEUE, launch.console()
+    assert "[launch] stopped by SIGUSR1" in launch.console() and "Traceback" not in launch.console(tail=0)
+    time.sleep(0.5)
+    assert processes_of(run_dir) == []
+
+
 def stand_ins(folder: Path) -> Path:
     """`srun` and `scontrol` that record their calls, for the dry run of a job over several nodes,
     which the one-node SLURM of test_slurm cannot show."""
@@ -301,6 +346,20 @@ def test_only_the_train_command_holds_its_stop_signals_from_the_first_import(arg
     from relaxrec_megatron.startup import is_train_command
 
     assert is_train_command(argv) is held
+
+
+@pytest.mark.parametrize("argv, held", [
+    (["python", "-m", "relaxrec_megatron.parallel.torchrun", "--nnodes=1", "-m", "relaxrec_megatron.cli.main",
+      "train", "--config", "c.yaml"], True),
+    (["python", "-m", "relaxrec_megatron.parallel.torchrun", "-m", "relaxrec_megatron.cli.main", "train",
+      "--print-config"], False),
+    (["python", "-m", "relaxrec_megatron.parallel.torchrun", "-m", "relaxrec_megatron.cli.main", "eval"], False),
+    (["python", "-m", "relaxrec_megatron.parallel.torchrun", "script.py"], False),
+])
+def test_the_launcher_of_a_train_command_holds_its_stop_signals_too(argv, held):
+    from relaxrec_megatron.startup import is_train_launch
+
+    assert is_train_launch(argv) is held
 
 
 def test_slurm_dry_run_prints_the_exact_commands(tmp_path):

@@ -13,6 +13,9 @@ defaults, with three additions:
   that line and exits with EXIT_REQUEUE (also when the workers had not saved yet: the last
   complete checkpoint stands). Workers that all exited 2 (a UserError, said by rank 0) end it with
   2. Otherwise torchrun's own outcome (and report) stands;
+- a stop signal that came while the agent started (held since its first import: startup) ends the
+  launch as a stop before any worker starts; from then on each raises torchrun's SignalException,
+  as torchrun's own handlers do once the workers run;
 - the workers learn the agent's PID (RELAXREC_AGENT_PID), so that they die with it
   (parallel.process), and options this torchrun does not know are dropped, saying so; but for
   --shutdown-timeout, which torch 2.10 and 2.11 lack (their torchrun waits a fixed 30 s for the
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -63,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ[STOP_FILE_ENV] = str(stop_file)
         os.environ[AGENT_PID_ENV] = str(os.getpid())
         try:
+            take_stop_signals()
             torchrun(argv)
             return 0
         except (SignalException, ChildFailedError) as e:
@@ -76,6 +81,21 @@ def main(argv: list[str] | None = None) -> int:
             if {f.exitcode for f in e.failures.values()} == {2}:  # a UserError: rank 0 printed its one line
                 return 2
             raise
+
+
+def take_stop_signals() -> None:
+    """Each stop signal raises SignalException from here on; one held since start-up does so now."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    from ..startup import STOP_SIGNALS
+
+    def stop(signum, frame):
+        sig = signal.Signals(signum)
+        raise SignalException(f"Process {os.getpid()} got signal: {sig}", sigval=sig)
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, stop)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 def check_run(argv: list[str]) -> None:
