@@ -73,3 +73,13 @@ def enable() -> bool:
 
 def enabled() -> bool:
     return _ENABLED
+
+
+def without_deepspeed_shm_comm() -> None:
+    """DeepSpeed's CPU accelerator compiles a shared-memory all-reduce on its first initialize: a C++
+    build of tens of seconds, again for each environment and install path, whose compiler a stop
+    signal to the job step kills. Only DeepSpeed's inference all-reduce uses it; a run here does
+    every collective over gloo."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False

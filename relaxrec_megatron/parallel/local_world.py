@@ -1,6 +1,10 @@
 """Run a function on N local processes (gloo on 127.0.0.1 without CUDA): free port, timeout, the
 first failing rank's traceback surfaced, nothing left running. Used by the demo and the tests;
-clusters use torchrun."""
+clusters use torchrun.
+
+The ranks start from a fork server that has imported torch, megatron-core, DeepSpeed and the
+function's module once (seconds per process otherwise, every world again); each rank gets the
+caller's environment, working folder and sys.path as a spawned process would."""
 
 from __future__ import annotations
 
@@ -12,9 +16,14 @@ import torch.multiprocessing as mp
 
 from .distributed import free_port
 
+PRELOAD = ["relaxrec_megatron.parallel.world_preload", "torch.distributed", "megatron.core", "deepspeed", "transformers",
+           "relaxrec_megatron.training.run", "relaxrec_megatron.training.trainer"]
 
-def _entry(rank, world, port, fn, args, errors):
+
+def _entry(rank, world, port, fn, args, errors, env):
     os.setsid()  # a process group of its own: run_world ends the rank's helpers with it
+    os.environ.clear()
+    os.environ.update(env)  # the fork server's is that of the first call
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
     import torch
@@ -32,11 +41,20 @@ def _entry(rank, world, port, fn, args, errors):
             dist.destroy_process_group()
 
 
+def _context(fn):
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload([*PRELOAD, fn.__module__])  # takes effect when the server starts: the first call
+    return ctx
+
+
 def run_world(fn, world: int, *args, timeout: float = 300.0) -> None:
-    ctx = mp.get_context("spawn")
+    ctx = _context(fn)
     errors = ctx.SimpleQueue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, errors)) for r in range(world)]
+    env = dict(os.environ)
+    procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, errors, env)) for r in range(world)]
     for p in procs:
         p.start()
     for p in procs:

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import UserError
+from ..parallel import cpu_mode
 from .config import TrainConfig, lr_at
 from .stops import StopSignals
 
@@ -171,6 +172,8 @@ class Trainer:
         """DeepSpeed ZeRO around the student and the optimizer, data parallel over megatron's DP group."""
         import deepspeed
 
+        if cpu_mode.enabled():
+            cpu_mode.without_deepspeed_shm_comm()
         chatter = io.StringIO()  # BF16_Optimizer prints memory reports while it builds; shown only on failure
         try:
             with contextlib.redirect_stdout(chatter):
