@@ -1,4 +1,8 @@
+import os
+import re
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -101,6 +105,34 @@ def chat_model(tmp_path_factory):
     tokenizer.save_pretrained(root / "src")
     convert_to_relaxed(str(root / "src"), root / "rel", RecursionSpec(rank=4), progress=False)
     return root / "rel", tokenizer
+
+
+TEMP_NAME = re.compile(r"(^tmp|[-_])[a-z0-9_]{8}")
+
+
+def pytest_configure(config):
+    """The session's temporary files, and those of every process it starts (torchrun's log folders,
+    multiprocessing's, wandb's, a killed worker's), go to one folder that the session removes at its
+    end; the machine's temporary folder is checked for anything new then."""
+    import multiprocessing.util
+
+    multiprocessing.util.get_temp_dir()  # this process's own, which multiprocessing removes at its exit
+    system = Path(tempfile.gettempdir())
+    os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", str(system))  # pytest's own folders (tmp_path) stay there
+    config.relaxrec_tmp = (system, set(os.listdir(system)), Path(tempfile.mkdtemp(prefix="relaxrec-tests-")))
+    os.environ["TMPDIR"] = tempfile.tempdir = str(config.relaxrec_tmp[2])
+
+
+def pytest_sessionfinish(session, exitstatus):
+    system, before, ours = session.config.relaxrec_tmp
+    shutil.rmtree(ours, ignore_errors=True)
+    # named as tempfile names them (a random 8-character part), as torchrun's, multiprocessing's and
+    # wandb's folders are: not a file some other program on the machine writes meanwhile
+    left = sorted(name for name in set(os.listdir(system)) - before
+                  if TEMP_NAME.search(name) and not name.startswith(("pytest-of-", "relaxrec-tests-")))
+    if left:
+        print(f"\nthe tests left {len(left)} entries in {system}: {', '.join(left[:10])}", file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -175,7 +175,10 @@ def test_slurm_array_job_prepares_one_shard_per_task(tokenizer_dir, tmp_path):
 
     corpus = _corpus_files(tmp_path / "in", pydoc_topics("heldout")[:6], 2)
     script = Path(__file__).resolve().parents[1] / "slurm" / "prepare_data.sh"
-    env = {**os.environ, "TOKENIZER": str(tokenizer_dir), "OUTPUT_PREFIX": str(tmp_path / "sh" / "c"), "WORKERS": "0",
+    import sys
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",  # the script runs `python`
+           "TOKENIZER": str(tokenizer_dir), "OUTPUT_PREFIX": str(tmp_path / "sh" / "c"), "WORKERS": "0",
            "SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_MIN": "0"}
     out = subprocess.run(["bash", str(script), str(corpus)], env={**env, "SLURM_ARRAY_TASK_ID": "1"},
                          capture_output=True, text=True, timeout=300)

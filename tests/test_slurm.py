@@ -144,17 +144,22 @@ def test_preempted_mid_step_then_mid_save_the_job_requeues_resumes_and_completes
 
 
 def test_the_time_limit_signal_saves_before_the_limit_and_the_job_requeues(cluster, checkout, job):
-    """--time=1 with the script's --signal=B:USR1@LEAD (SLURM sends it up to a minute early): the
-    first attempt stops before its limit with a checkpoint of the step it reached (none when the
-    notice comes during start-up) and requeues. (How a requeued attempt resumes is the preemption
-    test's.)"""
+    """--time=3 with the script's --signal=B:USR1@LEAD: the first attempt stops before its limit with
+    a checkpoint of the step it reached (none when the notice comes during start-up) and requeues.
+    SLURM sends the notice up to 60 s earlier than LEAD asks (sbatch(1)): with LEAD = 120 s it comes
+    in the job's first minute and leaves the stop at least 120 s before the limit's kill. (How a
+    requeued attempt resumes is the preemption test's.)"""
     run_dir = job / "time-limit"
-    steps = 5000  # more than the attempt could run in its minute: only the notice ends it
-    job_id = cluster.sbatch([*NODE, "--time=1", "--signal=B:USR1@40", "slurm/uptrain_gemma.sh",
+    steps = 5000  # more than the attempt could run before the notice: only the notice ends it
+    job_id = cluster.sbatch([*NODE, "--time=3", "--signal=B:USR1@120", "slurm/uptrain_gemma.sh",
                              f"optim.train_steps={steps}", "checkpoint.save_every=1000"], checkout,
                             env_for(job, "time-limit"))
     log = log_of(checkout, job_id)
-    wait_for(lambda: cluster.show(job_id).get("Restarts") == "1", "requeue", timeout=150, poll=0.5)
+    requeued = lambda: cluster.show(job_id).get("Restarts") == "1"
+    try:
+        wait_for(requeued, "requeue", timeout=240, poll=0.5)
+    except AssertionError as e:
+        raise AssertionError(f"{e}; job {cluster.show(job_id)}\n{log.read_text(errors='replace')[-3000:]}") from None
     cluster.scancel(str(job_id))
     text = log.read_text(errors="replace")
     assert "[slurm] USR1: stopping job" in text and f"requeueing job {job_id}" in text, text[-3000:]
