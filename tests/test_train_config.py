@@ -22,9 +22,31 @@ def test_every_shipped_config_parses(path):
 def test_gemma_config_is_the_paper_setup():
     cfg = load_config(Path(__file__).parents[1] / "configs" / "gemma-2b-relaxed.yaml")
     r = cfg.model.recursion
-    assert (r.loops, r.strategy, r.init, r.rank, r.lora_init) == (2, "cycle", "average", 512, "svd")
+    assert (r.loops, r.strategy.value, r.init.value, r.rank, r.lora_init.value) == (2, "cycle", "average", 512, "svd")
     assert cfg.kd.enabled
     assert cfg.tokens() == pytest.approx(60e9, rel=1e-4)
+
+
+def test_model_recursion_is_the_recursion_spec_of_conversion_and_the_cli(tmp_path):
+    """One typed spec: choices become their enums when the config loads, the training default rank
+    (512) holds for a YAML that leaves it out, and per-module ranks and targets reach the plan."""
+    from relaxrec_megatron.recursion import InitMethod, RecursionSpec, Strategy
+    from relaxrec_megatron.training.planning import models
+
+    (tmp_path / "c.yaml").write_text("model: {source: google/gemma-2b, recursion: {loops: 2, init: stepwise}}\n")
+    r = load_config(tmp_path / "c.yaml").model.recursion
+    assert isinstance(r, RecursionSpec) and (r.strategy, r.init, r.rank) == (Strategy.CYCLE, InitMethod.STEPWISE, 512)
+    cfg = load_config(GEMMA, ["model.recursion.strategy=sequence", "model.recursion.module_ranks={down: 8}",
+                              "model.recursion.targets=[q, down]", "kd.enabled=false"])
+    cfg.validate()
+    assert cfg.model.recursion.strategy is Strategy.SEQUENCE
+    ranks = models(cfg)[2]["lora_ranks"]
+    assert ranks == {"q": 512, "down": 8}, ranks
+    for override, message in [("model.recursion.module_ranks={down: -2}", "model.recursion.module_ranks must map"),
+                              ("model.recursion.targets=q", "model.recursion.targets must be a list"),
+                              ("model.recursion.lora_init=pca", "model.recursion.lora_init must be one of svd, zero")]:
+        with pytest.raises(UserError, match=re.escape(message)):
+            load_config(GEMMA, [override]).validate()
 
 
 def test_dotted_overrides(tmp_path):

@@ -87,9 +87,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import relaxrec_megatron
     from relaxrec_megatron import register
-    from relaxrec_megatron.hf.convert import RecursionSpec, convert_to_relaxed
+    from relaxrec_megatron.hf.convert import convert_to_relaxed
     from relaxrec_megatron.inference.bench import TraceSpec, format_rows, make_trace, run_benchmark
     from relaxrec_megatron.inference.weights import engine_weights
+    from relaxrec_megatron.recursion import RecursionSpec
 
     register()
 

@@ -69,8 +69,9 @@ def _models(args):
     if args.model:
         yield Path(args.model).name, load(args.served.folder)
         return
-    from ..hf.convert import RecursionSpec, convert_to_relaxed
+    from ..hf.convert import convert_to_relaxed
     from ..hf.smollm import smollm_checkpoint
+    from ..recursion import RecursionSpec
 
     source = smollm_checkpoint()
     with tempfile.TemporaryDirectory() as tmp:

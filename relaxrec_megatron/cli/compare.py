@@ -13,8 +13,9 @@ import torch
 
 from ..data.pydoc_text import pydoc_topics
 from ..evaluation.lm import greedy, perplexity, unique_parameters
-from ..hf.convert import RecursionSpec, convert_to_relaxed
+from ..hf.convert import convert_to_relaxed
 from ..hf.smollm import smollm_checkpoint
+from ..recursion import RecursionSpec
 from .options import parse_rank
 
 PROMPT = "The capital of France is"

@@ -11,6 +11,7 @@ conversions exact) and what it cannot (the source's quality, which takes billion
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -43,7 +44,7 @@ def run(args) -> int:
     from ..data.prepare import prepare
     from ..evaluation import harness
     from ..evaluation.local_tasks import CONTINUATION, LASTWORD
-    from ..hf.convert import RecursionSpec, convert_to_relaxed
+    from ..hf.convert import convert_to_relaxed
     from ..hf.export import export_unrolled
     from ..hf.smollm import smollm_checkpoint
     from ..model.checkpoint import latest_checkpoint
@@ -88,10 +89,9 @@ def run(args) -> int:
 
     say("converting the source at full rank with per-loop norms: the relaxed model that equals the source")
     full = out / "relaxed-full-rank"
-    r = cfg.model.recursion
-    convert_to_relaxed(str(source), full, RecursionSpec(loops=r.loops, strategy=r.strategy, init=r.init, rank=-1,
-                                                        share_norms=False, share_biases=False),
-                       overwrite=True, progress=False)
+    spec = dataclasses.replace(cfg.model.recursion, rank=-1, module_ranks={}, targets=None, share_norms=False,
+                               share_biases=False)
+    convert_to_relaxed(str(source), full, spec, overwrite=True, progress=False)
 
     rows = []
     harness.quiet()
@@ -117,7 +117,8 @@ def run(args) -> int:
     trained_losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
     print()
-    print(f"SmolLM2-135M -> {r.loops} loops, {r.init} init, SVD LoRA rank {r.rank}; KD uptraining "
+    r = cfg.model.recursion
+    print(f"SmolLM2-135M -> {r.loops} loops, {r.init.value} init, SVD LoRA rank {r.rank}; KD uptraining "
           f"{cfg.optim.train_steps} steps on CPU; offline tasks: {args.task_limit} samples each (last word: acc, "
           "next sentence of 4: acc_norm)")
     print(f"{'model':<22}{'unique params':>15}{'held-out ppl':>14}{'last word':>11}{'next sent.':>11}"

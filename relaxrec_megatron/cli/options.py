@@ -10,8 +10,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..hf.arch import LINEARS
-from ..hf.convert import RecursionSpec
-from ..recursion import InitMethod, Strategy
+from ..recursion import InitMethod, RecursionSpec, Strategy
 from ..recursion.lora import LoraInit
 
 

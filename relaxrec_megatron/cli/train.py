@@ -15,13 +15,12 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import json
     import os
-    from dataclasses import asdict
 
-    from ..training.config import load_config
+    from ..training.config import load_config, plain
 
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
-        print(json.dumps(asdict(cfg), indent=1, default=str))
+        print(json.dumps(plain(cfg), indent=1, default=str))
         return 0
     if "WORLD_SIZE" not in os.environ:  # a single process without torchrun, on a port of its own
         from ..parallel.distributed import free_port

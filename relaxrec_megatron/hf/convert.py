@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -11,9 +10,10 @@ from tqdm.auto import tqdm
 
 from ..errors import UserError
 from ..files import atomic_output_dir
-from ..recursion import InitMethod, SharingPlan, Strategy, init_shared, shared_init_sources
-from ..recursion.lora import LoraInit, SvdMethod, clip_rank, lora_factors
+from ..recursion import SharingPlan, init_shared, shared_init_sources
+from ..recursion.lora import SvdMethod, lora_factors
 from ..recursion.params import LayerShapes
+from ..recursion.spec import RecursionSpec
 from .arch import ArchAdapter, adapter_for
 from .checkpoint import CheckpointError, CheckpointReader, ShardedWriter
 from .configuration_relaxrec import RelaxedRecursiveConfig
@@ -27,40 +27,6 @@ REPORT_FILE = "relaxation_report.json"
 
 class ConvertError(UserError):
     pass
-
-
-@dataclass
-class RecursionSpec:
-    loops: int = 2
-    strategy: Strategy = Strategy.CYCLE
-    init: InitMethod = InitMethod.AVERAGE
-    rank: int = 0  # for every target module; -1 = full rank; 0 = pure recursive
-    module_ranks: dict[str, int] = field(default_factory=dict)  # per-module overrides
-    lora_init: LoraInit = LoraInit.SVD
-    targets: tuple[str, ...] | None = None  # None: every linear of the architecture
-    share_norms: bool = True
-    share_biases: bool = True
-
-    def __post_init__(self):
-        self.strategy, self.init, self.lora_init = Strategy(self.strategy), InitMethod(self.init), LoraInit(self.lora_init)
-
-    def ranks(self, adapter: ArchAdapter) -> dict[str, int]:
-        """Clipped rank per module; modules with rank 0 are left out."""
-        shapes = adapter.linear_shapes()
-        model_type = adapter.cfg.get("model_type")
-        for m in list(self.targets or []) + list(self.module_ranks):
-            if m not in shapes:
-                raise ConvertError(f"{model_type} has no {m!r} linear; its linears are {', '.join(shapes)}")
-        for m, r in [("*", self.rank), *self.module_ranks.items()]:
-            if r < -1:
-                raise ConvertError(f"rank {r} for {m}: use a rank >= 0, or -1 (full)")
-        targets = self.targets if self.targets is not None else tuple(shapes)
-        ranks = {}
-        for m in targets:
-            r = clip_rank(self.module_ranks.get(m, self.rank), *shapes[m])
-            if r > 0:
-                ranks[m] = r
-        return ranks
 
 
 def _shapes(adapter: ArchAdapter) -> LayerShapes:

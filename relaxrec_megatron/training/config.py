@@ -5,12 +5,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from ..errors import UserError
+from ..recursion.spec import RecursionSpec, choice
 
 
 @dataclass
@@ -21,21 +23,10 @@ class RunConfig:
 
 
 @dataclass
-class RecursionConfig:
-    loops: int = 2
-    strategy: str = "cycle"
-    init: str = "average"
-    rank: int = 512  # -1: full
-    lora_init: str = "svd"
-    share_norms: bool = True
-    share_biases: bool = True
-
-
-@dataclass
 class ModelConfig:
     source: str = ""  # HF checkpoint (hub id or folder): conversion input and KD teacher
     relaxed: str | None = None  # start from this relaxed HF checkpoint instead of converting
-    recursion: RecursionConfig = field(default_factory=RecursionConfig)
+    recursion: RecursionSpec = field(default_factory=lambda: RecursionSpec(rank=512))
     dtype: str = "bf16"  # bf16 on GPUs; fp32 on CPU
     # FP8 GEMMs in the decoder layers (Transformer Engine, Hopper or newer); embedding, LM head and the
     # teacher stay in model.dtype. The shared layers run once per loop, so the recipe must scale from
@@ -50,6 +41,7 @@ class ModelConfig:
 
 
 FP8_RECIPES = ("tensorwise", "blockwise", "mxfp8")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
 
 
 @dataclass
@@ -242,16 +234,15 @@ class TrainConfig:
             raise UserError(f"parallel.stall_factor must be > 1, got {self.parallel.stall_factor}")
         if r.rank < -1:
             raise UserError(f"model.recursion.rank must be -1 (full), 0 (none) or a positive rank, got {r.rank}")
-        from ..recursion import InitMethod, LoraInit, Strategy
-
-        names = lambda enum: tuple(m.value for m in enum)
-        choices = {"model.recursion.strategy": (r.strategy, names(Strategy)),
-                   "model.recursion.init": (r.init, names(InitMethod)),
-                   "model.recursion.lora_init": (r.lora_init, names(LoraInit)),
-                   "logging.wandb_mode": (self.logging.wandb_mode, ("auto", "online", "offline", "disabled"))}
-        for key, (value, allowed) in choices.items():
-            if value not in allowed:
-                raise UserError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
+        if not isinstance(r.module_ranks, dict) or not all(isinstance(k, str) and isinstance(v, int) and v >= -1
+                                                             for k, v in r.module_ranks.items()):
+            raise UserError("model.recursion.module_ranks must map linear names to ranks >= -1 (e.g. {down: 128}), "
+                            f"got {r.module_ranks!r}")
+        if r.targets is not None and (not isinstance(r.targets, (list, tuple))
+                                      or not all(isinstance(t, str) for t in r.targets)):
+            raise UserError(f"model.recursion.targets must be a list of linear names (e.g. [q, v]), got {r.targets!r}")
+        if self.logging.wandb_mode not in WANDB_MODES:
+            raise UserError(f"logging.wandb_mode must be one of {', '.join(WANDB_MODES)}, got {self.logging.wandb_mode!r}")
 
     def validate(self, world_size: int | None = None) -> None:
         o, p = self.optim, self.parallel
@@ -293,22 +284,28 @@ class TrainConfig:
                                 f"{o.micro_batch_size} x data-parallel size {dp}")
 
 
-def _build(cls, data: dict, where: str):
+def _build(cls, data: dict, where: str, base=None):
+    """cls from a YAML mapping: each key over `base` (the default: cls(), or the parent's default for a
+    section, e.g. model.recursion's rank 512)."""
     if not isinstance(data, dict):
         raise UserError(f"{where}: expected a mapping, got {type(data).__name__}")
+    base = cls() if base is None else base
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
             raise UserError(f"{where}.{key}: unknown key; valid keys: {', '.join(fields)}")
         sub = _dataclass_type(fields[key].type)
-        default = cls().__getattribute__(key) if not sub else None
-        kwargs[key] = _build(sub, value, f"{where}.{key}") if sub else _coerce(value, default, f"{where}.{key}")
-    return cls(**kwargs)
+        current = getattr(base, key)
+        kwargs[key] = _build(sub, value, f"{where}.{key}", current) if sub else _coerce(value, current, f"{where}.{key}")
+    try:
+        return dataclasses.replace(base, **kwargs)
+    except UserError as e:  # a section that checks itself (model.recursion)
+        raise UserError(f"{where}: {e}") from None
 
 
 def _dataclass_type(annotation) -> type | None:
-    candidates = {c.__name__: c for c in (RunConfig, RecursionConfig, ModelConfig, ParallelConfig, DataConfig,
+    candidates = {c.__name__: c for c in (RunConfig, RecursionSpec, ModelConfig, ParallelConfig, DataConfig,
                                           OptimConfig, KDConfig, ExitConfig, CheckpointConfig, EvalConfig,
                                           LoggingConfig)}
     return candidates.get(annotation if isinstance(annotation, str) else getattr(annotation, "__name__", ""))
@@ -320,6 +317,8 @@ def _coerce(value: Any, like: Any, where: str) -> Any:
     one-line UserError naming the key."""
     if like is None:  # optional fields (model.relaxed, eval.limit, ...): checked where they are used
         return value
+    if isinstance(like, Enum):
+        return choice(type(like), value, where)
     if isinstance(value, str) and isinstance(like, (int, float)) and not isinstance(like, bool):
         try:
             value = float(value)
@@ -340,9 +339,19 @@ def _coerce(value: Any, like: Any, where: str) -> Any:
     elif kind in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise UserError(f"{where}: expected a list, got {value!r}")
+    elif kind is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{where}: expected a mapping, got {value!r}")
     elif kind is str and not isinstance(value, str):
         raise UserError(f"{where}: expected a string, got {value!r}")
     return value
+
+
+def plain(config) -> dict:
+    """A config (or a section of it) as plain values, each choice as it is written in YAML: for JSON,
+    wandb and the training state."""
+    return dataclasses.asdict(config, dict_factory=lambda items: {k: v.value if isinstance(v, Enum) else v
+                                                                  for k, v in items})
 
 
 def apply_override(cfg: TrainConfig, item: str) -> None:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import dataclasses
 
 from ..errors import UserError
-from ..hf.convert import RecursionSpec, layer_shapes, relaxed_config
-from ..recursion import SharingPlan
+from ..hf.convert import layer_shapes, relaxed_config
+from ..recursion import RecursionSpec, SharingPlan
 from . import memory
 from .config import TrainConfig
 from .flops import matmul_flops_per_token, train_flops_per_token
@@ -23,16 +23,14 @@ def models(cfg: TrainConfig) -> tuple[memory.Model, memory.Model | None, dict, d
                         "pass its source as model.source=... too")
     src = hf_config(cfg.model.source)
     adapter, shapes = layer_shapes(src)
-    r = cfg.model.recursion
-    spec = RecursionSpec(loops=r.loops, strategy=r.strategy, init=r.init, rank=r.rank, lora_init=r.lora_init,
-                         share_norms=r.share_norms, share_biases=r.share_biases)
+    spec = dataclasses.replace(cfg.model.recursion)  # checked again: an override sets a field directly
     plan = SharingPlan(adapter.num_layers, spec.loops, spec.strategy)
     ranks = spec.ranks(adapter)
     student = memory.Model(shapes, plan, ranks, spec.share_norms, spec.share_biases)
     student_hf = relaxed_config(adapter, plan, spec, ranks, cfg.model.source, None).to_dict()
     if not cfg.kd.enabled:
         return student, None, student_hf, None
-    t_spec = RecursionSpec(loops=1, init="lower", rank=0)
+    t_spec = RecursionSpec.one_loop()
     t_plan = SharingPlan(adapter.num_layers, 1, t_spec.strategy)
     teacher_hf = relaxed_config(adapter, t_plan, t_spec, {}, cfg.model.source, None).to_dict()
     return student, memory.Model(shapes, t_plan), student_hf, teacher_hf

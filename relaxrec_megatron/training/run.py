@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import subprocess
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from ..console import quiet_third_party
 from ..errors import UserError
-from .config import TrainConfig
+from .config import TrainConfig, plain
 from .preflight import check_against_model, check_runtime
 from .watchdog import StallWatch
 
@@ -34,10 +34,10 @@ class Preempted(Exception):
 
 def prepare_checkpoints(cfg: TrainConfig, run_dir: Path) -> tuple[Path, Path | None]:
     """Relaxed student init and (for KD) the teacher as a 1-loop model: the source itself, exactly."""
-    from ..hf.convert import RecursionSpec, convert_to_relaxed
+    from ..hf.convert import convert_to_relaxed
+    from ..recursion import RecursionSpec
     from .rundir import check_recipe, recipe, record_recipe
 
-    r = cfg.model.recursion
     student = Path(cfg.model.relaxed) if cfg.model.relaxed else run_dir / "init" / "student"
     teacher = run_dir / "init" / "teacher" if cfg.kd.enabled else None
     dtype = cfg.model.dtype
@@ -48,8 +48,7 @@ def prepare_checkpoints(cfg: TrainConfig, run_dir: Path) -> tuple[Path, Path | N
             if (student / "config.json").is_file():
                 check_recipe(student, recipe(cfg, "student"))
             else:
-                spec = RecursionSpec(loops=r.loops, strategy=r.strategy, init=r.init, rank=r.rank,
-                                     lora_init=r.lora_init, share_norms=r.share_norms, share_biases=r.share_biases)
+                spec = dataclasses.replace(cfg.model.recursion)  # checked again: an override sets a field directly
                 convert_to_relaxed(source, student, spec, dtype=dtype, overwrite=True)
                 record_recipe(student, recipe(cfg, "student"))
         if teacher is not None:
@@ -58,7 +57,7 @@ def prepare_checkpoints(cfg: TrainConfig, run_dir: Path) -> tuple[Path, Path | N
             if (teacher / "config.json").is_file():
                 check_recipe(teacher, recipe(cfg, "teacher"))
             else:
-                convert_to_relaxed(source, teacher, RecursionSpec(loops=1, init="lower", rank=0), dtype=dtype,
+                convert_to_relaxed(source, teacher, RecursionSpec.one_loop(), dtype=dtype,
                                    overwrite=True, progress=False)
                 record_recipe(teacher, recipe(cfg, "teacher"))
 
@@ -137,7 +136,7 @@ class Logger:
             import wandb
 
             self.wandb = wandb.init(project=cfg.logging.wandb_project, name=cfg.run.name, group=cfg.logging.wandb_group,
-                                    dir=str(run_dir), mode=mode, config={**asdict(cfg), "recursion": recursion},
+                                    dir=str(run_dir), mode=mode, config={**plain(cfg), "recursion": recursion},
                                     resume="allow", id=cfg.run.name.replace("/", "-"))
         except Exception as e:  # logging must never stop a run; say so once
             print(f"[train] wandb disabled: {type(e).__name__}: {e}", flush=True)
@@ -224,7 +223,7 @@ def _train(cfg: TrainConfig, run_dir: Path, signals, hooks) -> list[dict]:
     from .trainer import Trainer
 
     if dist.get_rank() == 0:
-        (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1, default=str))
+        (run_dir / "config.json").write_text(json.dumps(plain(cfg), indent=1, default=str))
     check_eval_tasks(cfg)
     check_data(cfg)  # before the conversion, which can take hours
     student_dir, teacher_dir = prepare_checkpoints(cfg, run_dir)

@@ -18,7 +18,6 @@ import json
 import os
 import socket
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import UserError
@@ -104,7 +103,13 @@ def recipe(cfg, role: str) -> dict:
     m = cfg.model
     out = {"source": m.source, "dtype": m.dtype}
     if role == "student":
-        out["recursion"] = asdict(m.recursion)
+        from .config import plain
+
+        r = plain(m.recursion)
+        for key, unset in (("module_ranks", {}), ("targets", None)):  # as recipes without them recorded it
+            if r[key] == unset:
+                del r[key]
+        out["recursion"] = r
     return out
 
 

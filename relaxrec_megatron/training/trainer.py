@@ -21,7 +21,7 @@ import contextlib
 import io
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from ..errors import UserError
 from ..parallel import cpu_mode
-from .config import TrainConfig, lr_at
+from .config import TrainConfig, lr_at, plain
 from .stops import StopSignals
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -326,7 +326,7 @@ class Trainer:
 
     def state(self) -> dict:
         return {"step": self.step, "consumed": self.consumed, "skipped": self.skipped,
-                "nonfinite_in_a_row": self.nonfinite_in_a_row, "layout": self.layout(), "config": asdict(self.cfg)}
+                "nonfinite_in_a_row": self.nonfinite_in_a_row, "layout": self.layout(), "config": plain(self.cfg)}
 
     def restore(self, state: dict) -> None:
         self.step, self.consumed = state["step"], state["consumed"]
