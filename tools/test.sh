@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fresh machine -> the tests at both ends of the supported stack, CPU only: the whole suite on the
-# newest (.venv: torch 2.15), about 17-21 minutes on 2 cores, then tools/test_oldest.sh on the oldest
+# newest (.venv: torch 2.15), about 15-17 minutes on 2 cores, then tools/test_oldest.sh on the oldest
 # (.venv-oldest: torch 2.10 as NVIDIA's PyTorch 25.12 container pins it), about 2 minutes; each
 # environment takes about 3 minutes to build once. With arguments, only the main suite runs and the
 # arguments go to pytest: `bash tools/test.sh -m "not slow"` leaves out the tests that spawn
