@@ -40,6 +40,10 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from ..model.folder import refuse_unless_original
+
+    if not (args.to == "megatron" and checkpoint_model_type(args.source) == "relaxed_recursive"):
+        refuse_unless_original(args.source, args.source)
     apply_threads(args.threads)
     how = dict(svd=args.svd, device=resolve_device(args.device))
     if args.to == "megatron":

@@ -7,6 +7,7 @@ import dataclasses
 
 from ..errors import UserError
 from ..hf.convert import layer_shapes, relaxed_config
+from ..model.folder import refuse_unless_original
 from ..recursion import RecursionSpec, SharingPlan
 from . import memory
 from .config import TrainConfig
@@ -21,6 +22,7 @@ def models(cfg: TrainConfig) -> tuple[memory.Model, memory.Model | None, dict, d
     if not cfg.model.source:
         raise UserError("relaxrec plan sizes a run from model.source; for a run that starts from model.relaxed, "
                         "pass its source as model.source=... too")
+    refuse_unless_original(cfg.model.source, f"model.source={cfg.model.source}")
     src = hf_config(cfg.model.source)
     adapter, shapes = layer_shapes(src)
     spec = dataclasses.replace(cfg.model.recursion)  # checked again: an override sets a field directly

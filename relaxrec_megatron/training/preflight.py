@@ -42,10 +42,10 @@ def student(cfg: TrainConfig) -> tuple[dict, object]:
 
         sizes, _, student_hf, _ = models(cfg)
         return student_hf, sizes
+    from ..model.folder import refuse_unless_relaxed
+
+    refuse_unless_relaxed(cfg.model.relaxed, f"model.relaxed={cfg.model.relaxed}")
     path = Path(cfg.model.relaxed) / "config.json"
-    if not path.is_file():
-        raise UserError(f"model.relaxed={cfg.model.relaxed}: no config.json; give a relaxed checkpoint "
-                        "(relaxrec convert) or leave model.relaxed unset")
     from ..hf.convert import layer_shapes
     from ..recursion import SharingPlan
     from .memory import Model
