@@ -132,8 +132,13 @@ def run(args) -> int:
     tokens = cfg.optim.train_steps * cfg.optim.global_batch_size * cfg.data.seq_length
     print()
     print("What this CPU run shows:")
-    print(f"  uptraining works: the training loss fell from {trained_losses[0]:.2f} to {trained_losses[-1]:.2f} "
-          f"in {len(trained_losses)} steps ({tokens:,} tokens)")
+    first, last = trained_losses[0], trained_losses[-1]
+    if last < first:
+        print(f"  uptraining works: the training loss fell from {first:.2f} to {last:.2f} in {len(trained_losses)} "
+              f"steps ({tokens:,} tokens)")
+    else:  # too few steps to learn (an override of optim.train_steps)
+        print(f"  the training loss went from {first:.2f} to {last:.2f} in {len(trained_losses)} steps ({tokens:,} "
+              "tokens): too few to learn; the default run's steps show it fall")
     print("  the conversions keep the function, to fp32 rounding: max |logit difference| on the held-out text: "
           + "; ".join(f"{k} {v:.1e}" for k, v in exact.items()))
     print("  what it does not show: the source's quality. Recovering it takes uptraining on billions of tokens "
