@@ -1,7 +1,7 @@
 """What a relaxed recursive model is made of, as one typed spec: loops, sharing order, shared-layer
 init, LoRA ranks and targets, shared or per-layer norms and biases. Conversion, the CLI and the
-training configs (`model.recursion`) all build this one; a choice outside its enum or a rank below
--1 is refused where it is built."""
+training configs (`model.recursion`) all build this one; a choice outside its enum, a rank below -1
+or a malformed target list is refused where it is built."""
 
 from __future__ import annotations
 
@@ -35,17 +35,22 @@ class RecursionSpec:
     share_biases: bool = True
 
     def __post_init__(self):
+        """Each message starts with the field's name (a run config puts `model.recursion.` before it)."""
         self.strategy = choice(Strategy, self.strategy, "strategy")
         self.init = choice(InitMethod, self.init, "init")
         self.lora_init = choice(LoraInit, self.lora_init, "lora_init")
-        if self.targets is not None:
-            self.targets = tuple(self.targets)
-        self.module_ranks = dict(self.module_ranks)
         if self.loops < 1:
             raise UserError(f"loops must be >= 1, got {self.loops}")
-        for m, r in [("*", self.rank), *self.module_ranks.items()]:
-            if r < -1:
-                raise UserError(f"rank {r} for {m}: use a rank >= 0, or -1 (full)")
+        if self.rank < -1:
+            raise UserError(f"rank must be -1 (full), 0 (none) or a positive rank, got {self.rank}")
+        if not isinstance(self.module_ranks, dict) or not all(
+                isinstance(m, str) and isinstance(r, int) and r >= -1 for m, r in self.module_ranks.items()):
+            raise UserError("module_ranks must map linear names to ranks >= -1 (e.g. {down: 128}), "
+                            f"got {self.module_ranks!r}")
+        if self.targets is not None:
+            if not isinstance(self.targets, (list, tuple)) or not all(isinstance(t, str) for t in self.targets):
+                raise UserError(f"targets must be a list of linear names (e.g. [q, v]), got {self.targets!r}")
+            self.targets = tuple(self.targets)
 
     @classmethod
     def one_loop(cls) -> "RecursionSpec":

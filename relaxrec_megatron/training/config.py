@@ -203,8 +203,8 @@ class TrainConfig:
             e.loop_weights(r.loops)
 
     def _validate_ranges(self) -> None:
-        """Every number and choice in its range, named by its key (types: _coerce, when loading)."""
-        r = self.model.recursion
+        """Every number and choice in its range, named by its key (types: _coerce, when loading;
+        model.recursion checks itself: recursion.RecursionSpec)."""
         positive = {"optim.global_batch_size": self.optim.global_batch_size,
                     "optim.micro_batch_size": self.optim.micro_batch_size, "optim.train_steps": self.optim.train_steps,
                     "optim.lr": self.optim.lr, "data.seq_length": self.data.seq_length,
@@ -215,7 +215,7 @@ class TrainConfig:
                     "parallel.pp": self.parallel.pp, "parallel.stall_floor_s": self.parallel.stall_floor_s,
                     "data.build_timeout_min": self.data.build_timeout_min,
                     "model.convert_timeout_min": self.model.convert_timeout_min,
-                    "model.recursion.loops": r.loops, "optim.max_nonfinite_in_a_row": self.optim.max_nonfinite_in_a_row,
+                    "optim.max_nonfinite_in_a_row": self.optim.max_nonfinite_in_a_row,
                     "optim.eps": self.optim.eps}
         for key, value in positive.items():
             if not value > 0:
@@ -232,15 +232,6 @@ class TrainConfig:
             raise UserError(f"optim.betas must be two numbers in [0, 1), got {list(self.optim.betas)}")
         if self.parallel.stall_factor <= 1:
             raise UserError(f"parallel.stall_factor must be > 1, got {self.parallel.stall_factor}")
-        if r.rank < -1:
-            raise UserError(f"model.recursion.rank must be -1 (full), 0 (none) or a positive rank, got {r.rank}")
-        if not isinstance(r.module_ranks, dict) or not all(isinstance(k, str) and isinstance(v, int) and v >= -1
-                                                             for k, v in r.module_ranks.items()):
-            raise UserError("model.recursion.module_ranks must map linear names to ranks >= -1 (e.g. {down: 128}), "
-                            f"got {r.module_ranks!r}")
-        if r.targets is not None and (not isinstance(r.targets, (list, tuple))
-                                      or not all(isinstance(t, str) for t in r.targets)):
-            raise UserError(f"model.recursion.targets must be a list of linear names (e.g. [q, v]), got {r.targets!r}")
         if self.logging.wandb_mode not in WANDB_MODES:
             raise UserError(f"logging.wandb_mode must be one of {', '.join(WANDB_MODES)}, got {self.logging.wandb_mode!r}")
 
@@ -298,10 +289,16 @@ def _build(cls, data: dict, where: str, base=None):
         sub = _dataclass_type(fields[key].type)
         current = getattr(base, key)
         kwargs[key] = _build(sub, value, f"{where}.{key}", current) if sub else _coerce(value, current, f"{where}.{key}")
+    return _replaced(base, kwargs, where)
+
+
+def _replaced(section, values: dict, where: str):
+    """The section with these values, through its own checks (model.recursion has some): their
+    message, which starts with the field's name, comes after the section's key."""
     try:
-        return dataclasses.replace(base, **kwargs)
-    except UserError as e:  # a section that checks itself (model.recursion)
-        raise UserError(f"{where}: {e}") from None
+        return dataclasses.replace(section, **values)
+    except UserError as e:
+        raise UserError(f"{where}.{e}") from None
 
 
 def _dataclass_type(annotation) -> type | None:
@@ -358,11 +355,12 @@ def apply_override(cfg: TrainConfig, item: str) -> None:
     key, sep, raw = item.partition("=")
     if not sep:
         raise UserError(f"override {item!r}: expected dotted.key=value")
-    obj, parts = cfg, key.split(".")
+    parts, chain = key.split("."), [cfg]  # chain: the config, then each section down to the key's
     for p in parts[:-1]:
-        if not dataclasses.is_dataclass(obj) or not hasattr(obj, p):
+        if not dataclasses.is_dataclass(chain[-1]) or not hasattr(chain[-1], p):
             raise UserError(f"override {item!r}: unknown key {key!r}")
-        obj = getattr(obj, p)
+        chain.append(getattr(chain[-1], p))
+    obj = chain[-1]
     if not dataclasses.is_dataclass(obj) or parts[-1] not in {f.name for f in dataclasses.fields(obj)}:
         raise UserError(f"override {item!r}: unknown key {key!r}")
     current = getattr(obj, parts[-1])
@@ -373,7 +371,8 @@ def apply_override(cfg: TrainConfig, item: str) -> None:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:
         value = raw
-    setattr(obj, parts[-1], _coerce(value, current, key))
+    # every key sits in a section (the config's own fields are all sections): the section is rebuilt
+    setattr(chain[-2], parts[-2], _replaced(obj, {parts[-1]: _coerce(value, current, key)}, ".".join(parts[:-1])))
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:

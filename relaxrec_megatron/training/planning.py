@@ -25,7 +25,7 @@ def models(cfg: TrainConfig) -> tuple[memory.Model, memory.Model | None, dict, d
     refuse_unless_original(cfg.model.source, f"model.source={cfg.model.source}")
     src = hf_config(cfg.model.source)
     adapter, shapes = layer_shapes(src)
-    spec = dataclasses.replace(cfg.model.recursion)  # checked again: an override sets a field directly
+    spec = cfg.model.recursion
     plan = SharingPlan(adapter.num_layers, spec.loops, spec.strategy)
     ranks = spec.ranks(adapter)
     student = memory.Model(shapes, plan, ranks, spec.share_norms, spec.share_biases)

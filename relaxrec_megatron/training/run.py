@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import subprocess
@@ -48,8 +47,7 @@ def prepare_checkpoints(cfg: TrainConfig, run_dir: Path) -> tuple[Path, Path | N
             if (student / "config.json").is_file():
                 check_recipe(student, recipe(cfg, "student"))
             else:
-                spec = dataclasses.replace(cfg.model.recursion)  # checked again: an override sets a field directly
-                convert_to_relaxed(source, student, spec, dtype=dtype, overwrite=True)
+                convert_to_relaxed(source, student, cfg.model.recursion, dtype=dtype, overwrite=True)
                 record_recipe(student, recipe(cfg, "student"))
         if teacher is not None:
             if not source:
