@@ -11,7 +11,6 @@ from .options import (
     add_recursion_args,
     add_threads_arg,
     apply_threads,
-    checkpoint_model_type,
     parse_rank,
     recursion_spec,
     resolve_device,
@@ -40,16 +39,17 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..model.folder import refuse_unless_original
+    from ..model.folder import kind, refuse_unless_original
 
-    if not (args.to == "megatron" and checkpoint_model_type(args.source) == "relaxed_recursive"):
+    as_is = args.to == "megatron" and kind(args.source) == "relaxed"  # a relaxed checkpoint, converted as it is
+    if not as_is:
         refuse_unless_original(args.source, args.source)
     apply_threads(args.threads)
     how = dict(svd=args.svd, device=resolve_device(args.device))
     if args.to == "megatron":
         from ..model.convert_megatron import relaxed_to_megatron
 
-        if checkpoint_model_type(args.source) == "relaxed_recursive":
+        if as_is:
             relaxed_to_megatron(args.source, args.output, overwrite=args.overwrite)
         else:
             with tempfile.TemporaryDirectory(dir=Path(args.output).expanduser().resolve().parent) as tmp:

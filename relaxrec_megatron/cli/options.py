@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -72,12 +71,6 @@ def recursion_spec(args: argparse.Namespace, rank: int) -> RecursionSpec:
         loops=args.loops, strategy=args.strategy, init=args.init, rank=rank, module_ranks=dict(args.module_rank),
         lora_init=args.lora_init, targets=args.targets, share_norms=not norms, share_biases=not biases,
     )
-
-
-def checkpoint_model_type(folder: str) -> str | None:
-    """The model_type of an HF checkpoint folder's config.json; None without one."""
-    config = Path(folder) / "config.json"
-    return json.loads(config.read_text()).get("model_type") if config.is_file() else None
 
 
 def served_model(name: str, workdir: Path, tokenizer: str | None = None):
