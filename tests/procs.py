@@ -10,6 +10,18 @@ def cmdline(pid: int | str) -> str:
         return ""
 
 
+def children(pid: int) -> list[int]:
+    """The live child processes of `pid` (the parent in /proc/PID/stat)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(proc.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
 def processes_of(run_dir: Path) -> list[str]:
     """Command lines of live processes that name the run's folder (agents, workers, and their forked
     helpers, which keep the command line)."""

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from procs import blocks, cmdline, processes_of
+from procs import blocks, children, cmdline, processes_of
 from tiny import save_run_config, save_token_corpus
 
 from relaxrec_megatron.errors import EXIT_REQUEUE
@@ -94,13 +94,11 @@ def agent_and_workers(run_dir: Path) -> tuple[int, dict[int, int]]:
         cmd = cmdline(proc.name) if proc.name.isdigit() else ""
         if f"run.output_dir={run_dir} " in cmd + " " and "parallel.torchrun" in cmd:
             agent = int(proc.name)
-    for proc in Path("/proc").iterdir():
+    for pid in children(agent) if agent else []:
         try:
-            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            if ppid == agent:
-                env = dict(kv.split("=", 1) for kv in (proc / "environ").read_bytes().decode().split("\0") if "=" in kv)
-                workers[int(env["LOCAL_RANK"])] = int(proc.name)
-        except (OSError, ValueError, IndexError, KeyError):
+            environ = Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0")
+            workers[int(dict(kv.split("=", 1) for kv in environ if "=" in kv)["LOCAL_RANK"])] = pid
+        except (OSError, ValueError, KeyError):
             continue
     return agent, workers
 
@@ -162,27 +160,20 @@ def test_sigterm_to_torchrun_saves_and_exits(job, straight):
     assert losses(run_dir) == straight[:done]
 
 
-def children(pid: int) -> list[int]:
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(proc.name))
-        except (OSError, ValueError, IndexError):
-            continue
-    return found
-
-
 def holding(pids) -> bool:
     return bool(pids) and all(blocks(pid, signal.SIGUSR1) for pid in pids)
+
+
+def workers_holding(run_dir: Path) -> bool:
+    workers = agent_and_workers(run_dir)[1]
+    return len(workers) == 2 and holding(list(workers.values()))
 
 
 STARTING = {  # a phase of a launch's start-up -> whether the launch is in it now
     "shell": lambda launch, run_dir: bool(children(launch.proc.pid)),  # launch/torchrun.sh's Python check
     "agent": lambda launch, run_dir: "parallel.torchrun" in cmdline(launch.proc.pid)  # importing, preflight
     and holding([launch.proc.pid]),
-    "workers": lambda launch, run_dir: len(agent_and_workers(run_dir)[1]) == 2  # importing, building the model
-    and holding(list(agent_and_workers(run_dir)[1].values())),
+    "workers": lambda launch, run_dir: workers_holding(run_dir),  # importing, building the model
 }
 
 
