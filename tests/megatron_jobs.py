@@ -150,13 +150,15 @@ def train_job(config_path: str, overrides: list[str], out_path: str, nan_steps=(
     """Runs `relaxrec train` in this world through the trainer's hooks; saves the per-step records and
     optimizer-state bytes. nan_steps: poison the gradients at these steps (1-based, like the records);
     crash_in_save_at: die half-way through that step's save; sigterm_at: SIGTERM to the last rank
-    after that step; grad_probe: record where the gradients are when the gradient contracts run."""
+    after that step; grad_probe: record where the gradients are when the gradient contracts run. Every
+    step's DeepSpeed collectives are saved too (training.comms)."""
     import os
     import signal
 
     import torch.distributed as dist
 
     from relaxrec_megatron.training import grads
+    from relaxrec_megatron.training.comms import CollectiveCounter
     from relaxrec_megatron.training.config import load_config
     from relaxrec_megatron.training.run import Preempted, train, train_entry
     from relaxrec_megatron.training.trainer import Hooks
@@ -165,9 +167,8 @@ def train_job(config_path: str, overrides: list[str], out_path: str, nan_steps=(
 
     def after_backward(trainer):
         if trainer.step + 1 in nan_steps:
-            for p in trainer.student.parameters():
-                if p.grad is not None:
-                    p.grad.fill_(float("nan"))
+            for g in trainer.gradients():
+                g.fill_(float("nan"))
         if grad_probe:
             params = [p for p in trainer.student.parameters() if p.requires_grad]
             seen.append({"params": len(params), "in_grad": sum(p.grad is not None for p in params),
@@ -177,6 +178,8 @@ def train_job(config_path: str, overrides: list[str], out_path: str, nan_steps=(
             torch.save(seen, f"{out_path}.grads.rank{dist.get_rank()}.pt")
 
     def after_step(trainer, rec):
+        traffic.append(counter.stop())
+        torch.save(traffic, f"{out_path}.traffic.rank{dist.get_rank()}.pt")
         torch.save(trainer.history, f"{out_path}.steps.rank{dist.get_rank()}.pt")  # kept if the run then fails
         if trainer.step == 1:
             torch.save(allocations(trainer), f"{out_path}.alloc.rank{dist.get_rank()}.pt")
@@ -187,13 +190,16 @@ def train_job(config_path: str, overrides: list[str], out_path: str, nan_steps=(
         if trainer.step == crash_in_save_at:
             os._exit(17)  # killed mid-save: model written, optimizer state and `latest` not
 
-    hooks = Hooks(after_backward, after_step, after_model_saved)
-    if sigterm_at is None:
-        return train_entry(config_path, overrides, out_path, hooks)
-    try:
-        records = train(load_config(config_path, overrides), hooks)
-    except Preempted as stopped:
-        records = stopped.records
+    traffic = []  # DeepSpeed's collectives in each step (training.comms)
+    with CollectiveCounter() as counter:
+        hooks = Hooks(after_backward=after_backward, after_step=after_step, after_model_saved=after_model_saved,
+                      before_step=lambda trainer: counter.start())
+        if sigterm_at is None:
+            return train_entry(config_path, overrides, out_path, hooks)
+        try:
+            records = train(load_config(config_path, overrides), hooks)
+        except Preempted as stopped:
+            records = stopped.records
     torch.save(records, f"{out_path}.rank{dist.get_rank()}.pt")
 
 

@@ -1,6 +1,7 @@
 """relaxrec plan: every shipped run config sized on its GPUs. That the planned parameter and
-optimizer bytes equal the trainer's own allocations (ZeRO 0/1/2, DP 1/2, TP 2, PP 2, bf16) is
-checked in test_training, on the ranks of those runs."""
+optimizer bytes equal the trainer's own allocations (ZeRO 0/1/2, DP 1/2, TP 2, PP 2, bf16), and the
+data-parallel bytes what DeepSpeed's collectives are handed, is checked in test_training, on the
+ranks of those runs."""
 
 import pytest
 
@@ -73,11 +74,30 @@ def test_logits_and_recompute_move_the_terms_they_should():
     assert z2["gradients"] < z1["gradients"] and z2["Adam moments"] == z1["Adam moments"]
 
 
+def test_dp_traffic_follows_the_zero_stage_the_micro_batches_and_the_reduction_dtype(capsys):
+    # that these bytes are what DeepSpeed's collectives are handed: test_training, on DP=2 runs
+    def traffic(*overrides, gpus=64):
+        return plan(load_config("gemma-2b-relaxed", list(overrides)), gpus)["dp_traffic"]
+
+    z1, n = traffic(), plan(load_config("gemma-2b-relaxed"), 64)["student_params"]
+    assert z1["bytes"] == pytest.approx(2 * n + 2 * n, rel=1e-6)  # bf16 all-reduce, bf16 all-gather
+    assert traffic("optim.micro_batch_size=2")["bytes"] == z1["bytes"]  # once per step, whatever the micro-batches
+    assert traffic("parallel.grad_reduce_dtype=fp32")["bytes"] == pytest.approx(4 * n + 2 * n, rel=1e-6)
+    z2 = traffic("parallel.zero_stage=2")  # 1024 / (4 x 64) = 4 micro-batches, each all-reduced
+    assert z2["bytes"] == pytest.approx(4 * 2 * n + 2 * n, rel=1e-6) and z2["overlapped"] > 0 == z1["overlapped"]
+    assert traffic(gpus=1)["bytes"] == 0
+    assert main(["plan", "gemma-2b-relaxed", "--gpus", "64", "--link-gbps", "200"]) == 0
+    line = [x for x in capsys.readouterr().out.splitlines() if "DP gradient traffic" in x][0]
+    assert f"{z1['wire'] / 25e9:.2f} s at 200 Gb/s" in line, line
+
+
 @pytest.mark.parametrize("argv, message", [
     (["pythia-1b-relaxed", "--gpus", "6"], "not a multiple of TP*PP = 4"),
     (["gemma-2b-relaxed", "--gpus", "0"], "--gpus must be at least 1"),
     (["gemma-2b-relaxed", "--gpus", "8", "--mfu", "2"], "--mfu must be in (0, 1]"),
     (["nosuch", "--gpus", "8"], "no such config file"),
+    (["gemma-2b-relaxed", "--gpus", "8", "--link-gbps", "0"], "--link-gbps must be positive"),
+    (["gemma-2b-relaxed", "parallel.grad_reduce_dtype=bf16", "--gpus", "8"], "parallel.grad_reduce_dtype must be one of model, fp32"),
 ])
 def test_bad_plan_input_is_one_line(argv, message, capsys):
     assert main(["plan", *argv]) == 2

@@ -46,6 +46,24 @@ def planned_bytes_match(root: Path, name: str, world: int, overrides=()) -> None
         assert {k: planned[k] for k in measured} == measured, (rank, planned, measured)
 
 
+def planned_traffic_matches(root: Path, name: str, world: int, overrides=()) -> None:
+    """relaxrec plan's data-parallel bytes per step are what every rank handed DeepSpeed's collectives in
+    each step (a skipped step sends no update)."""
+    from relaxrec_megatron.training.config import load_config
+    from relaxrec_megatron.training.planning import plan
+
+    planned = plan(load_config(root / "c.yaml", list(overrides)), world)["dp_traffic"]
+    steps = torch.load(root / f"{name}.steps.rank0.pt", weights_only=False)
+    for rank in range(world):
+        traffic = torch.load(root / f"{name}.traffic.rank{rank}.pt")
+        assert len(traffic) == len(steps) > 0
+        for step, ops in zip(steps, traffic):
+            ops = {k: v for k, v in ops.items() if not k.endswith("(scalars)")}  # norms and flags
+            if step["finite"]:
+                assert sum(op["bytes"] for op in ops.values()) == planned["bytes"], (rank, step["step"], ops, planned)
+                assert sum(op["wire"] for op in ops.values()) == pytest.approx(planned["wire"], rel=1e-12)
+
+
 def losses(records):
     return torch.tensor([r["loss"] for r in records], dtype=torch.float64)
 
@@ -60,6 +78,7 @@ def baseline(setup):
 def test_zero_over_two_ranks_matches_one_rank(setup, baseline, stage):
     got = run(setup, f"dp2z{stage}", 2, [f"parallel.zero_stage={stage}"])
     planned_bytes_match(setup, f"dp2z{stage}", 2, [f"parallel.zero_stage={stage}"])
+    planned_traffic_matches(setup, f"dp2z{stage}", 2, [f"parallel.zero_stage={stage}"])
     rel = ((losses(got) - losses(baseline)).abs() / losses(baseline).abs()).max().item()
     assert rel <= 1e-5, rel
     # optimizer state bytes per rank fall as 1/DP
@@ -74,6 +93,7 @@ def test_planned_bytes_without_zero(setup, baseline):
     planned_bytes_match(setup, "dp1", 1)
     run(setup, "z0-dp2", 2, ["parallel.zero_stage=0", "optim.train_steps=1"])
     planned_bytes_match(setup, "z0-dp2", 2, ["parallel.zero_stage=0"])
+    planned_traffic_matches(setup, "z0-dp2", 2, ["parallel.zero_stage=0"])
 
 
 @pytest.mark.slow
@@ -160,11 +180,16 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(setup):
 
 
 @pytest.mark.slow
-def test_non_finite_steps_are_skipped_and_then_stop(setup):
-    # two in a row are skipped and training goes on; the third in a row stops the run
+@pytest.mark.parametrize("world,layout", [(1, []), (2, ["parallel.zero_stage=2", "model.dtype=bf16"])],
+                         ids=["dp1", "dp2-zero2-bf16"])
+def test_non_finite_steps_are_skipped_and_then_stop(setup, world, layout):
+    # two in a row are skipped and training goes on; the third in a row stops the run. ZeRO-2 keeps
+    # its reduced gradients outside .grad: a skipped step must not hand them to the next one
+    name = f"nan-{world}"
     with pytest.raises(RuntimeError, match="3 non-finite steps in a row"):
-        run(setup, "nan", 1, ["optim.max_nonfinite_in_a_row=3"], nan_steps=(3, 4, 6, 7, 8))
-    got = torch.load(setup / "nan.steps.rank0.pt", weights_only=False)
+        run(setup, name, world, ["optim.max_nonfinite_in_a_row=3", *layout], nan_steps=(3, 4, 6, 7, 8))
+    got = torch.load(setup / f"{name}.steps.rank0.pt", weights_only=False)
+    planned_traffic_matches(setup, name, world, ["optim.max_nonfinite_in_a_row=3", *layout])
     assert [r["finite"] for r in got] == [True, True, False, False, True, False, False]
     assert got[-1]["skipped"] == 4 and got[4]["loss"] == got[4]["loss"]  # step 5 finite again
 
@@ -193,15 +218,18 @@ def test_a_failed_conversion_on_rank_0_fails_every_rank_at_once(setup, tiny_dirs
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", [["parallel.pp=2"], ["parallel.tp=2"], ["parallel.zero_stage=2"]],
-                         ids=["pp2", "tp2", "dp2-zero2"])
+@pytest.mark.parametrize("layout", [["parallel.pp=2"], ["parallel.tp=2"], [],
+                                    ["parallel.zero_stage=2", "parallel.grad_reduce_dtype=fp32"]],
+                         ids=["pp2", "tp2", "dp2", "dp2-zero2-fp32-reduce"])
 def test_bf16_training_accumulates_in_fp32_and_tracks_fp32(setup, baseline, layout):
     # bf16 weights, fp32 master weights and gradient accumulation. ZeRO-1 is DeepSpeed's
     # BF16_Optimizer: every gradient goes into its fp32 buffer as it arrives (whichever schedule runs
-    # backward), and the gradient contracts run on those buffers. ZeRO-2 accumulates its partitions in fp32.
-    name = f"bf16-{'-'.join(layout)}"
+    # backward), and the gradient contracts run on those buffers. ZeRO-2 accumulates its partitions in
+    # fp32. Over DP, the gradients are reduced in bf16 (half the bytes) or in fp32
+    name = f"bf16-{'-'.join(layout) or 'dp2'}"
     got = run(setup, name, 2, ["model.dtype=bf16", *layout], grad_probe=True)
     planned_bytes_match(setup, name, 2, ["model.dtype=bf16", *layout])
+    planned_traffic_matches(setup, name, 2, ["model.dtype=bf16", *layout])
     for rank in range(2):
         for probe in torch.load(setup / f"{name}.grads.rank{rank}.pt"):
             if "parallel.zero_stage=2" not in layout:

@@ -20,25 +20,16 @@ import numpy as np
 import torch
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--rank", type=int, default=64)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--world", type=int, default=2, help="local processes (data parallel)")
-    a = p.parse_args()
+def synthetic_run(root: Path, hidden: int, layers: int, rank: int, seq: int, steps: int, global_batch: int,
+                  dtype: str = "fp32") -> Path:
+    """A random Llama source of that shape, a random-token corpus and a run config (micro-batch 2, no
+    KD, no evaluation or checkpoints) under root; returns the config's path."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from relaxrec_megatron.parallel.local_world import run_world
-    from relaxrec_megatron.training.run import train_entry
-
-    root = Path(tempfile.mkdtemp(prefix="bench_train_"))
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=8192, hidden_size=a.hidden, intermediate_size=int(a.hidden * 2.75) // 64 * 64,
-                      num_hidden_layers=a.layers, num_attention_heads=a.hidden // 64, num_key_value_heads=a.hidden // 64,
+    cfg = LlamaConfig(vocab_size=8192, hidden_size=hidden, intermediate_size=int(hidden * 2.75) // 64 * 64,
+                      num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
                       eos_token_id=2)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(root / "src")
     builder = IndexedDatasetBuilder(str(root / "data.bin"), dtype=np.uint16)
@@ -48,15 +39,32 @@ def main() -> int:
     builder.finalize(str(root / "data.idx"))
     (root / "c.yaml").write_text(f"""
 run: {{name: bench, output_dir: {root}/run, seed: 1}}
-model: {{source: {root}/src, recursion: {{loops: 2, rank: {a.rank}}}, dtype: fp32}}
+model: {{source: {root}/src, recursion: {{loops: 2, rank: {rank}}}, dtype: {dtype}}}
 parallel: {{tp: 1, pp: 1, zero_stage: 1}}
-data: {{blend: [1.0, {root}/data], split: "99,1,0", seq_length: {a.seq}}}
-optim: {{global_batch_size: {4 * a.world}, micro_batch_size: 2, train_steps: {a.steps}, lr: 1.0e-4, warmup_steps: 1}}
+data: {{blend: [1.0, {root}/data], split: "99,1,0", seq_length: {seq}}}
+optim: {{global_batch_size: {global_batch}, micro_batch_size: 2, train_steps: {steps}, lr: 1.0e-4, warmup_steps: 1}}
 kd: {{enabled: false}}
 checkpoint: {{save_every: 100000, resume: none}}
 eval: {{every: 0}}
 logging: {{wandb_mode: disabled}}
 """)
+    return root / "c.yaml"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--rank", type=int, default=64)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--world", type=int, default=2, help="local processes (data parallel)")
+    a = p.parse_args()
+    from relaxrec_megatron.parallel.local_world import run_world
+    from relaxrec_megatron.training.run import train_entry
+
+    root = Path(tempfile.mkdtemp(prefix="bench_train_"))
+    synthetic_run(root, a.hidden, a.layers, a.rank, a.seq, a.steps, global_batch=4 * a.world)
     runs = {
         "vanilla (1 loop, no LoRA), ZeRO-0": ["model.recursion.loops=1", "model.recursion.rank=0",
                                                "parallel.zero_stage=0"],

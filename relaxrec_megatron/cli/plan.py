@@ -14,6 +14,9 @@ def add_parser(sub) -> None:
     p.add_argument("--gpus", type=int, required=True, help="GPUs in the run (TP x PP x DP)")
     p.add_argument("--gpu", default="h100", choices=sorted(GPUS), help="GPU model (default h100)")
     p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed for the time (default 0.4)")
+    p.add_argument("--link-gbps", type=float, default=400.0,
+                   help="network bandwidth per GPU in Gb/s for the data-parallel gradient traffic "
+                        "(default 400: one NDR InfiniBand port per GPU)")
     p.add_argument("overrides", nargs="*", help="dotted overrides of the run config, right after CONFIG (e.g. optim.micro_batch_size=2)")
     p.set_defaults(run=run)
 
@@ -40,8 +43,10 @@ def run(args) -> int:
 
     if args.gpus < 1:
         raise UserError(f"--gpus must be at least 1, got {args.gpus}")
+    if args.link_gbps <= 0:
+        raise UserError(f"--link-gbps must be positive, got {args.link_gbps}")
     cfg = load_config(args.config, args.overrides)
-    got = plan(cfg, args.gpus, args.gpu, args.mfu)
+    got = plan(cfg, args.gpus, args.gpu, args.mfu, args.link_gbps)
     lay, g = got["layout"], got["gpu"]
     p, o = cfg.parallel, cfg.optim
     print(f"[plan] {cfg.run.name}: {cfg.model.source}, {got['student_params'] / 1e9:.3f}B student parameters, "
@@ -61,6 +66,7 @@ def run(args) -> int:
           f"{', recompute' if p.recompute else ''}{', teacher forward' if cfg.kd.enabled else ''}); "
           f"{tokens(got['tokens'])} tokens at {args.mfu:.0%} MFU ({g.peak_bf16 / 1e12:.0f} TFLOP/s bf16 peak): "
           f"{duration(got['seconds'])} on {args.gpus} GPU{'s' if args.gpus > 1 else ''} ({args.gpus * got['seconds'] / 3600:,.0f} GPU-hours)")
+    print_dp_traffic(cfg, got)
     if cfg.model.relaxed:
         print("[plan] model.relaxed: sized as model.recursion applied to model.source (the settings that "
               "checkpoint must have been made with)")
@@ -78,3 +84,19 @@ def run(args) -> int:
                   "for more DP (ZeRO shards the optimizer) or combine changes")
         return 1
     return 0
+
+
+def print_dp_traffic(cfg, got: dict) -> None:
+    t, lay, p = got["dp_traffic"], got["layout"], cfg.parallel
+    if lay.dp < 2:
+        print("[plan] no data-parallel gradient traffic (DP 1)")
+        return
+    reduce = "fp32" if p.grad_reduce_dtype == "fp32" else cfg.model.dtype
+    how = (f"{reduce} all-reduce of each micro-batch's gradients during backward" if p.zero_stage == 2
+           else f"one {reduce} all-reduce of the accumulated gradients at the step")
+    if p.zero_stage:
+        how += f", {cfg.model.dtype} all-gather of the updated weights"
+    print(f"[plan] DP gradient traffic per GPU and step ({how}): {gb(t['bytes'])} handed to collectives, "
+          f"{gb(t['wire'])} sent (ring): {t['seconds']:.2f} s at {got['link_gbps']:g} Gb/s"
+          + (f" ({t['overlapped_seconds']:.2f} s of it while backward runs)" if t["overlapped"] else "")
+          + f", against a {got['step_seconds']:.1f} s step at the stated MFU")

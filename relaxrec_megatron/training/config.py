@@ -42,6 +42,7 @@ class ModelConfig:
 
 FP8_RECIPES = ("tensorwise", "blockwise", "mxfp8")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
+GRAD_REDUCE_DTYPES = ("model", "fp32")
 
 
 @dataclass
@@ -51,6 +52,9 @@ class ParallelConfig:
     sequence_parallel: bool = False
     recompute: bool = False
     zero_stage: int = 1  # DeepSpeed ZeRO: 1 with PP; 1 or 2 without
+    # dtype of the data-parallel gradient reduction: "model" (bf16 runs send half the bytes of fp32,
+    # DeepSpeed's default) or "fp32" (the fp32 accumulations are summed without rounding to bf16)
+    grad_reduce_dtype: str = "model"
     # a stalled rank (training.watchdog): after the first steps, a step that runs longer than
     # stall_factor x the slowest step so far, and at least stall_floor_s, ends the run naming the
     # ranks it waits for (torchrun then restarts it from the last checkpoint, MAX_RESTARTS)
@@ -240,6 +244,9 @@ class TrainConfig:
         if not self.model.source and not self.model.relaxed:
             raise UserError("model.source (or model.relaxed) is required")
         self._validate_ranges()
+        if p.grad_reduce_dtype not in GRAD_REDUCE_DTYPES:
+            raise UserError(f"parallel.grad_reduce_dtype must be one of {', '.join(GRAD_REDUCE_DTYPES)}, "
+                            f"got {p.grad_reduce_dtype!r}")
         if p.zero_stage not in (0, 1, 2):
             raise UserError(f"parallel.zero_stage must be 0, 1 or 2, got {p.zero_stage}")
         if self.model.dtype not in ("fp32", "bf16", "fp16"):

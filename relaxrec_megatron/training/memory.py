@@ -19,7 +19,7 @@ from ..recursion.params import LayerShapes
 ROW_PARALLEL = ("o", "down")
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 ZERO_ALIGNMENT = 2  # DeepSpeed's nccl_start_alignment_factor: a group is padded to 2 x DP elements
-REDUCE_BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size (elements), ZeRO-2
+REDUCE_BUCKET = 500_000_000  # reduce_bucket_size (elements): DeepSpeed's default, set by the trainer
 
 
 @dataclass(frozen=True)
@@ -99,13 +99,32 @@ def optimizer_bytes(m: Model, lay: Layout, stage: int, zero_stage: int) -> dict:
 
 def gradient_bytes(n: int, dtype: str, dp: int, zero_stage: int) -> int:
     """ZeRO 0: .grad beside each weight. ZeRO 1: bf16/fp16 accumulate in one full fp32 buffer
-    (BF16_Optimizer), fp32 in .grad. ZeRO 2: the fp32 shard plus one reduce bucket in the model dtype."""
+    (BF16_Optimizer), fp32 in .grad. ZeRO 2: the fp32 shard plus two reduce buckets in the model dtype
+    (overlap_comm fills one while the other is reduced; DeepSpeed allocates them whole)."""
     b = DTYPE_BYTES[dtype]
     if zero_stage == 0:
         return b * n
     if zero_stage == 1:
         return 4 * n
-    return 4 * zero_partition(n, dp) + b * min(n, REDUCE_BUCKET)
+    return 4 * zero_partition(n, dp) + 2 * b * REDUCE_BUCKET
+
+
+def dp_traffic(groups: tuple[int, ...], dtype: str, reduce_dtype: str, dp: int, zero_stage: int,
+               micro_batches: int) -> dict:
+    """Bytes one rank hands to DeepSpeed's data-parallel collectives in one step ("bytes") and sends for
+    them with ring algorithms ("wire"; training.comms counts both in a run). ZeRO 0 and 1 all-reduce the
+    accumulated gradients once, at step(); ZeRO 2 all-reduces each micro-batch's gradients during its
+    backward. ZeRO 1 and 2 then all-gather the updated weights (padded groups) in the model dtype.
+    reduce_dtype "model" reduces in the model dtype, "fp32" in fp32. "overlapped": the wire bytes sent
+    while backward runs (ZeRO 2's reduction, overlap_comm); the rest waits in step()."""
+    if dp < 2:
+        return {"bytes": 0, "wire": 0.0, "overlapped": 0.0}
+    b = DTYPE_BYTES[dtype]
+    reduced = (4 if reduce_dtype == "fp32" else b) * sum(groups) * (micro_batches if zero_stage == 2 else 1)
+    gathered = 0 if zero_stage == 0 else b * dp * sum(zero_partition(g, dp) for g in groups if g)
+    reduced_wire = reduced * 2 * (dp - 1) / dp
+    return {"bytes": reduced + gathered, "wire": reduced_wire + gathered * (dp - 1) / dp,
+            "overlapped": reduced_wire if zero_stage == 2 else 0.0}
 
 
 def layer_activation_elements(s: LayerShapes, ranks: dict[str, int], tokens: int, lay: Layout) -> int:

@@ -59,7 +59,15 @@ def stage_memory(cfg: TrainConfig, student: memory.Model, teacher: memory.Model 
     return out
 
 
-def plan(cfg: TrainConfig, gpus: int, gpu: str = "h100", mfu: float = 0.4) -> dict:
+def dp_traffic(cfg: TrainConfig, student: memory.Model, lay: memory.Layout, stage: int) -> dict:
+    """Data-parallel gradient traffic of one step on one GPU of `stage` (training.memory.dp_traffic)."""
+    p, o = cfg.parallel, cfg.optim
+    micro_batches = o.global_batch_size // (o.micro_batch_size * lay.dp)
+    return memory.dp_traffic(memory.param_groups(student, lay, stage), cfg.model.dtype, p.grad_reduce_dtype, lay.dp,
+                             p.zero_stage, micro_batches)
+
+
+def plan(cfg: TrainConfig, gpus: int, gpu: str = "h100", mfu: float = 0.4, link_gbps: float = 400.0) -> dict:
     if gpu not in memory.GPUS:
         raise UserError(f"--gpu {gpu}: choose one of {', '.join(memory.GPUS)}")
     if not 0 < mfu <= 1:
@@ -78,10 +86,15 @@ def plan(cfg: TrainConfig, gpus: int, gpu: str = "h100", mfu: float = 0.4) -> di
         flops += matmul_flops_per_token(student_hf, cfg.data.seq_length)
     g = memory.GPUS[gpu]
     seconds = cfg.tokens() * flops / (gpus * g.peak_bf16 * mfu)
+    step_seconds = cfg.optim.global_batch_size * cfg.data.seq_length * flops / (gpus * g.peak_bf16 * mfu)
+    traffic = max((dp_traffic(cfg, student, lay, s) for s in range(p.pp)), key=lambda t: t["wire"])
+    traffic["seconds"] = traffic["wire"] / (link_gbps * 1e9 / 8)
+    traffic["overlapped_seconds"] = traffic["overlapped"] / (link_gbps * 1e9 / 8)
     total = sum(stages[worst].values())
     return {"gpus": gpus, "gpu": g, "layout": lay, "stages": stages, "worst_stage": worst, "total": total,
             "fits": total <= memory.USABLE * g.memory_gb * 1e9, "flops_per_token": flops, "tokens": cfg.tokens(),
-            "mfu": mfu, "seconds": seconds, "student_params": memory.params(student, memory.Layout(), 0)}
+            "mfu": mfu, "seconds": seconds, "step_seconds": step_seconds, "dp_traffic": traffic,
+            "link_gbps": link_gbps, "student_params": memory.params(student, memory.Layout(), 0)}
 
 
 def _with(cfg: TrainConfig, section: str, **changes) -> TrainConfig:

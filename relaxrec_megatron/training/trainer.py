@@ -6,7 +6,8 @@ loss is the mean over the micro-batch tokens) -> gradient contracts of the recur
 (training.grads, a list built at setup) -> one all-reduce over the world of the losses, a
 non-finite flag and a stop flag, so every rank skips, stops and reports alike, with one host sync ->
 DeepSpeed step (ZeRO reduces over DP and updates its shard; it is run with
-managed_gradient_accumulation=false, so step() is the accumulation boundary of the external backward).
+managed_gradient_accumulation=false, so step() is the accumulation boundary of the external backward;
+ZeRO-1 reduces there, ZeRO-2 during each micro-batch's backward, in parallel.grad_reduce_dtype).
 
 Host syncs of a step: that one, and DeepSpeed's own: it checks that the gradient norm is finite
 (runtime.utils.is_invalid_grad_norm) and, in BF16_Optimizer, compares the clip coefficient with 1
@@ -31,6 +32,7 @@ import torch.distributed as dist
 from ..errors import UserError
 from ..parallel import cpu_mode
 from .config import TrainConfig, lr_at, plain
+from .memory import REDUCE_BUCKET
 from .stops import StopSignals
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -74,7 +76,12 @@ def deepspeed_config(cfg: TrainConfig, micro_batches: int, dp: int) -> dict:
         "gradient_accumulation_steps": micro_batches,
         "managed_gradient_accumulation": False,
         "gradient_clipping": cfg.optim.clip_grad,
-        "zero_optimization": {"stage": cfg.parallel.zero_stage, "overlap_comm": False},
+        # ZeRO-1 all-reduces the accumulated gradients once, at step(); ZeRO-2 reduces each
+        # micro-batch's gradients in buckets during its backward, overlapped with the rest of it
+        # (DeepSpeed allows overlap only there when the trainer owns the accumulation boundary)
+        "zero_optimization": {"stage": cfg.parallel.zero_stage, "overlap_comm": cfg.parallel.zero_stage == 2,
+                              "reduce_bucket_size": REDUCE_BUCKET},
+        "communication_data_type": "fp32" if cfg.parallel.grad_reduce_dtype == "fp32" else cfg.model.dtype,
         # bf16 + ZeRO-1 + fp32 accumulation is DeepSpeed's BF16_Optimizer: immediate_grad_update moves
         # each gradient into its fp32 buffer as autograd produces it, whichever schedule runs backward
         "bf16": {"enabled": cfg.model.dtype == "bf16", "immediate_grad_update": cfg.model.dtype == "bf16"},
@@ -90,12 +97,14 @@ def deepspeed_config(cfg: TrainConfig, micro_batches: int, dp: int) -> dict:
 class Hooks:
     """Where a caller may look into a run, or change it, on every rank (tests use them to poison
     gradients, send signals and crash mid-save; a user to probe a run):
+    before_step(trainer): a training step is about to start;
     after_backward(trainer): this step's gradients are in place, the gradient contracts not yet run;
     after_step(trainer, record): the step is done (record: what the console and wandb get);
     after_model_saved(trainer, folder): a checkpoint's model is written, its other parts are not."""
     after_backward: Callable | None = None
     after_step: Callable | None = None
     after_model_saved: Callable | None = None
+    before_step: Callable | None = None
 
 
 class Trainer:
@@ -208,16 +217,31 @@ class Trainer:
                 share[3:] = mean("loops")
         return share
 
-    def _nonfinite(self) -> torch.Tensor:
-        """1.0 where any of this rank's gradients is not finite (ZeRO-2 keeps them in DeepSpeed's
-        partitions, bf16 ZeRO-1 in its fp32 buffers, others in .grad), on the device: no host sync."""
+    def gradients(self) -> list[torch.Tensor]:
+        """This step's gradients where the optimizer will read them: ZeRO-2 in DeepSpeed's reduced
+        partitions, bf16 ZeRO-1 in its fp32 buffers, others in .grad."""
         from .grads import accumulated_grad
 
         if self.cfg.parallel.zero_stage >= 2:
             groups = (getattr(self.optimizer, "averaged_gradients", None) or {}).values()
-            tensors = [t for group in groups if group for t in group if t is not None]
-        else:
-            tensors = [g for g in map(accumulated_grad, self.student.parameters()) if g is not None]
+            return [t for group in groups if group for t in group if t is not None]
+        return [g for g in map(accumulated_grad, self.student.parameters()) if g is not None]
+
+    def discard_gradients(self) -> None:
+        """Drops this step's gradients wherever the optimizer keeps them, as DeepSpeed's own overflow
+        path does: ZeRO-2's reduced partitions outlive zero_grad() and would carry a non-finite
+        step's gradients into the next one."""
+        self.optimizer.zero_grad()
+        for held in ("averaged_gradients", "all_grad_tensors"):
+            partitions = getattr(self.optimizer, held, None) or {}
+            for key in partitions:
+                partitions[key] = None
+        for prm in self.student.parameters():
+            prm.grad = None
+
+    def _nonfinite(self) -> torch.Tensor:
+        """1.0 where any of this rank's gradients is not finite, on the device: no host sync."""
+        tensors = self.gradients()
         if not tensors:
             return torch.zeros((), dtype=torch.float64, device=self.device)
         finite = torch.stack([torch.isfinite(t).all() for t in tensors]).all()
@@ -256,6 +280,8 @@ class Trainer:
         from .grads import apply_contracts
 
         cfg = self.cfg
+        if self.hooks.before_step is not None:
+            self.hooks.before_step(self)
         lr = lr_at(self.step, cfg.optim)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -281,8 +307,7 @@ class Trainer:
             grad_norm = 0.0 if grad_norm is None else grad_norm
             self.nonfinite_in_a_row = 0
         else:  # skip the update, keep the data position moving
-            self.engine.zero_grad() if hasattr(self.engine, "zero_grad") else self.student.zero_grad()
-            self.optimizer.zero_grad()
+            self.discard_gradients()
             self.skipped += 1
             self.nonfinite_in_a_row += 1
             if self.nonfinite_in_a_row >= cfg.optim.max_nonfinite_in_a_row:
