@@ -146,12 +146,14 @@ def kd_job(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, c
 
 
 def train_job(config_path: str, overrides: list[str], out_path: str, nan_steps=(),
-              crash_in_save_at=None, sigterm_at=None, grad_probe=False) -> None:
+              crash_in_save_at=None, sigterm_at=None, grad_probe=False, delays=()) -> None:
     """Runs `relaxrec train` in this world through the trainer's hooks; saves the per-step records and
     optimizer-state bytes. nan_steps: poison the gradients at these steps (1-based, like the records);
     crash_in_save_at: die half-way through that step's save; sigterm_at: SIGTERM to the last rank
-    after that step; grad_probe: record where the gradients are when the gradient contracts run. Every
-    step's DeepSpeed collectives are saved too (training.comms)."""
+    after that step; grad_probe: record where the gradients are when the gradient contracts run;
+    delays: (hook, step, rank, seconds), that rank sleeps in that hook ("backward" or "saved") of that
+    step. Every step's DeepSpeed collectives are saved too (training.comms)."""
+    import time
     import os
     import signal
 
@@ -165,7 +167,13 @@ def train_job(config_path: str, overrides: list[str], out_path: str, nan_steps=(
 
     seen = []
 
+    def delay(hook, step):
+        for where, at, rank, seconds in delays:
+            if (where, at, rank) == (hook, step, dist.get_rank()):
+                time.sleep(seconds)
+
     def after_backward(trainer):
+        delay("backward", trainer.step + 1)
         if trainer.step + 1 in nan_steps:
             for g in trainer.gradients():
                 g.fill_(float("nan"))
@@ -187,6 +195,7 @@ def train_job(config_path: str, overrides: list[str], out_path: str, nan_steps=(
             os.kill(os.getpid(), signal.SIGTERM)  # to one rank only: every rank must still stop with it
 
     def after_model_saved(trainer, folder):
+        delay("saved", trainer.step)
         if trainer.step == crash_in_save_at:
             os._exit(17)  # killed mid-save: model written, optimizer state and `latest` not
 

@@ -29,7 +29,8 @@ def run(root: Path, name: str, world: int, overrides=(), fresh=True, **kw) -> li
         shutil.rmtree(root / f"run-{name}", ignore_errors=True)
     overrides = [f"run.output_dir={root}/run-{name}", *overrides]
     run_world(train_job, world, str(root / "c.yaml"), overrides, str(out), kw.get("nan_steps", ()),
-              kw.get("crash_in_save_at"), kw.get("sigterm_at"), kw.get("grad_probe", False), timeout=600)
+              kw.get("crash_in_save_at"), kw.get("sigterm_at"), kw.get("grad_probe", False), kw.get("delays", ()),
+              timeout=600)
     return torch.load(f"{out}.rank0.pt", weights_only=False)
 
 
@@ -177,6 +178,20 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(setup):
     got = run(setup, "sigterm", 2, ["checkpoint.save_every=100"], sigterm_at=4)
     assert [r["step"] for r in got] == [1, 2, 3, 4, 5]
     assert latest_checkpoint(setup / "run-sigterm" / "checkpoints").name == "step_00000005"
+
+
+@pytest.mark.slow
+def test_once_training_runs_a_collective_gives_up_after_the_step_limit_and_a_save_after_its_own(setup):
+    # 3 s for the collectives of a step once the first one is done; the stall watch kept out of it
+    limits = ["parallel.collective_timeout_min=0.05", "parallel.stall_floor_s=1000", "optim.train_steps=4",
+              "checkpoint.save_every=2"]
+    # the first step (start-up's limit) and a save (checkpoint.save_timeout_min) may take longer
+    got = run(setup, "limits", 2, limits, delays=[("backward", 1, 1, 5), ("saved", 2, 1, 5)])
+    assert [r["step"] for r in got] == [1, 2, 3, 4]
+    t0 = __import__("time").time()
+    with pytest.raises(RuntimeError, match="(?i)timed? ?out"):  # gloo: "Timed out waiting 3000ms ..."
+        run(setup, "limits-step", 2, limits, delays=[("backward", 3, 1, 20)])
+    assert __import__("time").time() - t0 < 60
 
 
 @pytest.mark.slow

@@ -52,6 +52,14 @@ def collective_timeout(seconds: float):
         set_timeout(before, group)
 
 
+def set_collective_timeout(seconds: float) -> None:
+    """From now on, every process group of this rank (the default one, megatron's, DeepSpeed's) gives
+    up a collective after `seconds`."""
+    set_timeout = getattr(dist, "set_timeout", None) or dist.distributed_c10d._set_pg_timeout  # torch < 2.11
+    for group in list(dist.distributed_c10d._world.pg_map):
+        set_timeout(timedelta(seconds=seconds), group)
+
+
 def local_device() -> torch.device:
     """This rank's device: its CUDA device (where NCCL's collectives read their tensors), else the CPU (gloo)."""
     if torch.cuda.is_available():

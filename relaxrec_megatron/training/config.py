@@ -60,6 +60,10 @@ class ParallelConfig:
     # ranks it waits for (torchrun then restarts it from the last checkpoint, MAX_RESTARTS)
     stall_factor: float = 10.0
     stall_floor_s: float = 120.0
+    # once the first step is done, a collective of a step or an evaluation gives up after this (NCCL
+    # then ends the rank, and torchrun restarts the run from its last checkpoint); saves wait up to
+    # checkpoint.save_timeout_min, and start-up phases have limits of their own
+    collective_timeout_min: float = 5.0
 
 
 @dataclass
@@ -217,6 +221,7 @@ class TrainConfig:
                     "logging.every": self.logging.every, "eval.batches": self.eval.batches,
                     "eval.batch_size": self.eval.batch_size, "parallel.tp": self.parallel.tp,
                     "parallel.pp": self.parallel.pp, "parallel.stall_floor_s": self.parallel.stall_floor_s,
+                    "parallel.collective_timeout_min": self.parallel.collective_timeout_min,
                     "data.build_timeout_min": self.data.build_timeout_min,
                     "model.convert_timeout_min": self.model.convert_timeout_min,
                     "optim.max_nonfinite_in_a_row": self.optim.max_nonfinite_in_a_row,

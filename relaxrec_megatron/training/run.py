@@ -216,7 +216,7 @@ def train(cfg: TrainConfig, hooks=None) -> list[dict]:
 
 def _train(cfg: TrainConfig, run_dir: Path, signals, hooks) -> list[dict]:
     from ..model.checkpoint import incomplete
-    from ..parallel.distributed import collective_timeout
+    from ..parallel.distributed import collective_timeout, set_collective_timeout
     from .checkpoints import CheckpointManager
     from .trainer import Trainer
 
@@ -247,12 +247,22 @@ def _train(cfg: TrainConfig, run_dir: Path, signals, hooks) -> list[dict]:
     bar = tqdm(total=cfg.optim.train_steps, initial=trainer.step, unit="step", desc="train",
                disable=dist.get_rank() != 0, dynamic_ncols=True)
     records = []
+    step_s, save_s = cfg.parallel.collective_timeout_min * 60, cfg.checkpoint.save_timeout_min * 60
+    lowered = False  # the start-up limits hold until the first step is done
+
     @contextlib.contextmanager
     def phase(what: str, step: int):
-        """What the run is doing, for the stall watch's limits and the stop line."""
+        """What the run is doing, for the stall watch's limits, the collectives' and the stop line."""
+        nonlocal lowered
         watch.begin(what, step)
         signals.phase = f"{'' if what == 'step' else 'the '}{what} {step}"
+        saving = what.startswith("save") and lowered
+        if saving:  # rank 0 writes the manifest while the others wait in a barrier
+            set_collective_timeout(save_s)
         yield
+        if saving or not lowered:
+            set_collective_timeout(step_s)
+            lowered = True
         watch.end()
 
     try:
