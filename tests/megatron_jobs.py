@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 
-def _setup(relaxed_dir: Path, tp: int, pp: int, sp: bool = False, recompute: bool = False):
+def _setup(relaxed_dir: Path, tp: int, pp: int, sp: bool = False, recompute: bool = False, loop_exits: int = 0):
     from relaxrec_megatron.hf.checkpoint import CheckpointReader
     from relaxrec_megatron.model.build import build_model
     from relaxrec_megatron.model.settings import ParallelLayout, RelaxedSettings
@@ -17,7 +17,7 @@ def _setup(relaxed_dir: Path, tp: int, pp: int, sp: bool = False, recompute: boo
     init_distributed(tp, pp)
     reader = CheckpointReader(relaxed_dir)
     settings = RelaxedSettings(reader.config, ParallelLayout(tp=tp, pp=pp, sequence_parallel=sp, recompute=recompute))
-    return reader, settings, build_model(settings)
+    return reader, settings, build_model(settings, loop_exits=loop_exits)
 
 
 def _logits(model, tokens):
@@ -87,7 +87,7 @@ def exit_job(case: dict, tokens: torch.Tensor, layout: dict, out: Path) -> None:
     from relaxrec_megatron.training.objective import Objective
     from relaxrec_megatron.training.step import forward_backward
 
-    reader, settings, student = _setup(Path(case["student"]), **layout)
+    reader, settings, student = _setup(Path(case["student"]), **layout, loop_exits=1)  # the cases' 2 loops
     load_canonical(student, settings, reader.get)
     teacher = None
     if case["teacher"]:  # in the same groups as the student
@@ -102,7 +102,8 @@ def exit_job(case: dict, tokens: torch.Tensor, layout: dict, out: Path) -> None:
     objective = Objective(student, teacher, KDConfig(**case["kd"]), ExitConfig(enabled=True, **case["exit"]))
     student.train()
     stored = forward_backward(objective, [batch_from_tokens(tokens)], layout["pp"])
-    _save_if_writer(stored[0] if stored else None, out / f"{case['name']}.reports.pt")
+    report = {"loss": stored[0].loss, "loops": torch.stack(stored[0].loops)} if stored else None
+    _save_if_writer(report, out / f"{case['name']}.reports.pt")
     finalize_grads(student, settings, shared_layer_groups(settings))
     torch.save(_canonical_grads(student, settings), out / f"{case['name']}.grads.rank{dist.get_rank()}.pt")
 

@@ -183,3 +183,18 @@ def test_pytorch_bin_checkpoints_convert_too(tmp_path):
     torch.save(model.state_dict(), tmp_path / "bin" / "pytorch_model.bin")  # the pre-safetensors format
     convert_to_relaxed(str(tmp_path / "bin"), tmp_path / "rel", full_rank_spec("cycle"), progress=False)
     assert (logits(model, ids_batch()) - logits(load(tmp_path / "rel"), ids_batch())).abs().max() <= LOGIT_TOL
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_the_checkpoints_own_copy_of_the_linears_is_the_packages(gated):
+    # hf/modeling_relaxrec.py travels alone with every checkpoint, so it keeps its own copy of
+    # recursion.linears: the same names and shapes
+    from relaxrec_megatron.hf import modeling_relaxrec as remote
+    from relaxrec_megatron.hf.configuration_relaxrec import RelaxedRecursiveConfig
+    from relaxrec_megatron.recursion import linears
+
+    assert (remote.ATTN, remote.MLP) == (linears.ATTENTION, linears.MLP)
+    config = RelaxedRecursiveConfig(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+                                    head_dim=24, gated_mlp=gated)
+    assert remote.linear_shapes(config) == linears.linear_shapes(64, 4, 2, 24, 96, gated)
+    assert list(remote.linear_shapes(config)) == list(linears.linears(gated))

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 from ..errors import UserError
-from ..hf.arch import LINEARS
 from ..recursion import InitMethod, RecursionSpec, Strategy
+from ..recursion.linears import LINEARS
 from ..recursion.lora import LoraInit
 
 

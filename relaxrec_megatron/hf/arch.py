@@ -12,8 +12,8 @@ from typing import Callable
 import torch
 
 from ..errors import UserError
+from ..recursion.linears import ATTENTION, linear_shapes, linears
 
-LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
 NORMS = ("input_norm", "post_norm")
 
 
@@ -52,13 +52,13 @@ class ArchAdapter:
         self.tied = bool(cfg.get("tie_word_embeddings", self._default_tied()))
 
     # -- shapes -------------------------------------------------------------------------------
+    gated = True  # a gate in the MLP (recursion.linears)
+
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        h, q, kv, f = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
-        shapes = {"q": (q, h), "k": (kv, h), "v": (kv, h), "o": (h, q), "gate": (f, h), "up": (f, h), "down": (h, f)}
-        return {m: s for m, s in shapes.items() if m in self.linears()}
+        return linear_shapes(self.hidden, self.heads, self.kv_heads, self.head_dim, self.intermediate, self.gated)
 
     def linears(self) -> tuple[str, ...]:
-        return LINEARS
+        return linears(self.gated)
 
     def linear_has_bias(self, module: str) -> bool:
         return False
@@ -150,7 +150,7 @@ class LlamaAdapter(ArchAdapter):
     model_types = ("llama",)
 
     def linear_has_bias(self, module: str) -> bool:
-        if module in ("q", "k", "v", "o"):
+        if module in ATTENTION:
             return bool(self.cfg.get("attention_bias", False))
         return bool(self.cfg.get("mlp_bias", False))
 
@@ -196,12 +196,10 @@ class GPTNeoXAdapter(ArchAdapter):
     """GPT-NeoX / Pythia: LayerNorm with biases, parallel residual, partial rotary, fused per-head qkv."""
 
     model_types = ("gpt_neox",)
-
-    def linears(self) -> tuple[str, ...]:
-        return ("q", "k", "v", "o", "up", "down")
+    gated = False
 
     def linear_has_bias(self, module: str) -> bool:
-        if module in ("q", "k", "v", "o"):
+        if module in ATTENTION:
             return bool(self.cfg.get("attention_bias", True))
         return True
 

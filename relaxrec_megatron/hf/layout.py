@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..recursion.linears import ATTENTION, MLP
 from .arch import NORMS
 
 GLOBAL_PATHS = {
@@ -10,7 +11,7 @@ GLOBAL_PATHS = {
     "final_norm.bias": "model.norm.bias",
     "lm_head.weight": "lm_head.weight",
 }
-_GROUP = {"qkv": "attn", "q": "attn", "k": "attn", "v": "attn", "o": "attn", "gate": "mlp", "up": "mlp", "down": "mlp"}
+_GROUP = {"qkv": "attn", **{m: "attn" for m in ATTENTION}, **{m: "mlp" for m in MLP}}
 
 
 def is_norm(canon: str) -> bool:

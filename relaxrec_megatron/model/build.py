@@ -6,12 +6,13 @@ import torch
 
 
 def build_model(settings, dtype: torch.dtype = torch.float32, use_te: bool | None = None, fp8: dict | None = None,
-                init_weights: bool = True):
+                init_weights: bool = True, loop_exits: int = 0):
     """This rank's stage of the relaxed recursive GPT model (parameters on the current device);
     `fp8`: megatron's FP8 settings (training.precision.fp8_settings), which need the TE layers.
     init_weights=False leaves megatron's weights uninitialised, for a caller that loads every one
     (state_adapter.load_canonical checks that it does): random initialisation of a 2B model is
-    most of its build time."""
+    most of its build time. loop_exits: how many earlier loops' exits the model computes for
+    early-exit training (model.gpt)."""
     from megatron.core import parallel_state as ps
 
     from .gpt import RelaxedRecursiveGPTModel
@@ -21,7 +22,7 @@ def build_model(settings, dtype: torch.dtype = torch.float32, use_te: bool | Non
     config = transformer_config(settings, dtype, fp8, perform_initialization=init_weights)
     model = RelaxedRecursiveGPTModel(
         config, settings, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
-        use_te=(bool(fp8) or te_available()) if use_te is None else use_te,
+        use_te=(bool(fp8) or te_available()) if use_te is None else use_te, loop_exits=loop_exits,
     )
     if torch.cuda.is_available():
         model.cuda()

@@ -11,8 +11,6 @@ from megatron.core.transformer.enums import ModelType
 from torch import nn
 
 from ..errors import UserError
-from ..hf.configuration_relaxrec import RelaxedRecursiveConfig
-from ..numerics import rope_inv_freq
 from .decoder import RecursiveDecoder
 from .settings import RelaxedSettings
 
@@ -22,7 +20,7 @@ class RopeFreqs(nn.Module):
 
     def __init__(self, settings: RelaxedSettings):
         super().__init__()
-        inv_freq, scaling = rope_inv_freq(RelaxedRecursiveConfig(**_config_fields(settings.hf)))
+        inv_freq, scaling = settings.rope()
         if scaling != 1.0:
             raise UserError(f"rope with attention scaling {scaling} is not supported by the Megatron model")
         self.register_buffer("inv_freq", inv_freq.clone(), persistent=False)
@@ -33,20 +31,19 @@ class RopeFreqs(nn.Module):
         return torch.cat((freqs, freqs), dim=-1)[:, None, None, :]
 
 
-def _config_fields(hf: dict) -> dict:
-    keep = set(RelaxedRecursiveConfig.__dataclass_fields__)
-    return {k: v for k, v in hf.items() if k in keep and k not in ("dtype",)}
-
-
 class RelaxedRecursiveGPTModel(LanguageModule):
     def __init__(self, config, settings: RelaxedSettings, pre_process: bool = True, post_process: bool = True,
-                 use_te: bool = False):
+                 use_te: bool = False, loop_exits: int = 0):
         super().__init__(config=config)
         self.model_type = ModelType.encoder_or_decoder  # read by megatron's pipeline schedules
         self.settings = settings
+        # Early exits: the hidden states at the ends of the first `loop_exits` loops travel with the
+        # activations, concatenated on the sequence axis, so the last pipeline stage can apply the final
+        # norm and LM head to them: (1 + loop_exits) (s, b, h) tensors between stages instead of one
+        self.loop_exits = loop_exits
         self.pre_process, self.post_process = pre_process, post_process
-        self.share_embeddings_and_output_weights = bool(settings.tie_word_embeddings)
-        self.embedding_multiplier = float(settings.embedding_multiplier)
+        self.share_embeddings_and_output_weights = settings.tie_word_embeddings
+        self.embedding_multiplier = settings.embedding_multiplier
         vocab = settings.vocab_size
         if pre_process:
             self.embedding = LanguageModelEmbedding(config, vocab, settings.max_position_embeddings,
@@ -61,11 +58,6 @@ class RelaxedRecursiveGPTModel(LanguageModule):
                 skip_weight_param_allocation=pre_process and self.share_embeddings_and_output_weights)
         if pre_process or post_process:
             self.setup_embeddings_and_output_layer()
-
-    # Early exits: the hidden states at the ends of the first `loop_exits` loops travel with the
-    # activations, concatenated on the sequence axis, so the last pipeline stage can apply the final
-    # norm and LM head to them: (1 + loop_exits) (s, b, h) tensors between stages instead of one
-    loop_exits: int = 0
 
     def set_input_tensor(self, input_tensor) -> None:
         if isinstance(input_tensor, (list, tuple)):

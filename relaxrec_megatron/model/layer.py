@@ -19,6 +19,7 @@ from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
+from ..recursion.linears import fc1
 from .attention import FusedCausalAttention
 from .lora_linear import LoraColumnParallelLinear, LoraRowParallelLinear, te_linear_classes
 from .norms import LoopedNorm
@@ -50,17 +51,13 @@ def core_attention_cls(use_te: bool):
 
 
 def relaxed_layer_spec(s: RelaxedSettings, loops: tuple[int, ...], use_te: bool = False) -> ModuleSpec:
-    h = s.hf
-    norm = partial(LoopedNorm, kind=h["norm_type"], zero_centered=bool(h["norm_zero_centered"]), loops=loops,
-                   shared=bool(h["share_norms"]))
-    per_loop_bias = not h["share_biases"]
-    lora = dict(lora_ranks=s.ranks, loops=loops, per_loop_bias=per_loop_bias)
-    heads_per_group = h["num_attention_heads"] // h["num_key_value_heads"]
+    norm = partial(LoopedNorm, kind=s.norm_type, zero_centered=s.norm_zero_centered, loops=loops, shared=s.share_norms)
+    lora = dict(lora_ranks=s.ranks, loops=loops, per_loop_bias=not s.share_biases)
+    heads_per_group = s.num_attention_heads // s.num_key_value_heads
     column_cls, row_cls = te_linear_classes() if use_te else (LoraColumnParallelLinear, LoraRowParallelLinear)
     column, row = partial(column_cls, **lora), partial(row_cls, **lora)
-    fc1_modules = ("gate", "up") if s.gated else ("up",)
     return ModuleSpec(
-        module=ParallelResidualTransformerLayer if h["parallel_residual"] else TransformerLayer,
+        module=ParallelResidualTransformerLayer if s.parallel_residual else TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=norm,
             self_attention=ModuleSpec(
@@ -77,7 +74,7 @@ def relaxed_layer_spec(s: RelaxedSettings, loops: tuple[int, ...], use_te: bool 
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=norm,
             mlp=partial(MLP.as_mlp_submodule, submodules=MLPSubmodules(
-                linear_fc1=partial(column, lora_modules=fc1_modules), linear_fc2=partial(row, lora_modules=("down",)))),
+                linear_fc1=partial(column, lora_modules=fc1(s.gated)), linear_fc2=partial(row, lora_modules=("down",)))),
             mlp_bda=get_bias_dropout_add,
         ),
     )

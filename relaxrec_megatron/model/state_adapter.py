@@ -19,10 +19,10 @@ import torch
 from megatron.core import parallel_state as ps
 
 from ..hf.layout import lora_paths, shared_path, slot_path
+from ..recursion.linears import ROW_PARALLEL, fc1
 from .settings import RelaxedSettings
 
 _NORMS = {"input_layernorm": "input_norm", "pre_mlp_layernorm": "post_norm"}
-_ROW = ("o", "down")
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ def _layer_pieces(name: str, k: int, rest: str, s: RelaxedSettings, pp_rank: int
             mods, parts = ["qkv"], [""]
         else:
             mods, parts = list(held), list(held) if len(held) > 1 else [""]
-        row_parallel = bool(held) and held[0] in _ROW
+        row_parallel = bool(held) and held[0] in ROW_PARALLEL
         axis = row.split[1] if row_parallel else row.split[0]
         out = []
         for mod, part in zip(mods, parts):
@@ -125,7 +125,7 @@ def _layer_pieces(name: str, k: int, rest: str, s: RelaxedSettings, pp_rank: int
 
 def _linears(s: RelaxedSettings) -> dict[str, tuple[str, ...]]:
     return {"self_attention.linear_qkv": ("q", "k", "v"), "self_attention.linear_proj": ("o",),
-            "mlp.linear_fc1": ("gate", "up") if s.gated else ("up",), "mlp.linear_fc2": ("down",)}
+            "mlp.linear_fc1": fc1(s.gated), "mlp.linear_fc2": ("down",)}
 
 
 # -- local slices ---------------------------------------------------------------------------------

@@ -14,9 +14,9 @@ import math
 from dataclasses import dataclass, field
 
 from ..recursion import SharingPlan
+from ..recursion.linears import ROW_PARALLEL
 from ..recursion.params import LayerShapes
 
-ROW_PARALLEL = ("o", "down")
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 ZERO_ALIGNMENT = 2  # DeepSpeed's nccl_start_alignment_factor: a group is padded to 2 x DP elements
 REDUCE_BUCKET = 500_000_000  # reduce_bucket_size (elements): DeepSpeed's default, set by the trainer

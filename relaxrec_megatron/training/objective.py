@@ -20,12 +20,53 @@ micro-batch instead of one (`tensors_between_stages`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from megatron.core import parallel_state as ps
 from torch import nn
 
 from .config import ExitConfig, KDConfig
 from .kd import distillation_loss
+
+
+@dataclass
+class LossParts:
+    """The objective's losses, per token (b, s) as the last stage computes them, or reduced to one value
+    each (`masked_mean`, `mean`): the loss that is back-propagated, the final loop's cross entropy and
+    KL to the teacher (None without KD), and with early exits each loop's exit cross entropy (the last
+    one is the final loop's)."""
+
+    loss: torch.Tensor
+    lm: torch.Tensor
+    kd: torch.Tensor | None = None
+    loops: list[torch.Tensor] = field(default_factory=list)
+
+    def masked_mean(self, mask: torch.Tensor) -> LossParts:
+        """Each part's mean over the masked tokens, in fp32; the loss keeps its graph, the rest is detached."""
+        mean = lambda t: (t.float() * mask).sum() / mask.sum().clamp_min(1)
+        return LossParts(mean(self.loss), mean(self.lm).detach(), None if self.kd is None else mean(self.kd).detach(),
+                         [mean(c).detach() for c in self.loops])
+
+    @staticmethod
+    def mean(parts: list[LossParts]) -> LossParts:
+        """Mean of each part over micro-batches (float64, detached)."""
+        avg = lambda ts: torch.stack([t.detach().double() for t in ts]).mean()
+        kd = [p.kd for p in parts]
+        return LossParts(avg([p.loss for p in parts]), avg([p.lm for p in parts]),
+                         None if kd[0] is None else avg(kd), [avg(c) for c in zip(*(p.loops for p in parts))])
+
+    def packed(self, loops: int) -> torch.Tensor:
+        """(loss, lm, kd, each loop's) as one float64 vector (kd 0 without KD), for one all-reduce."""
+        zero = torch.zeros((), dtype=torch.float64, device=self.loss.device)
+        kd = zero if self.kd is None else self.kd
+        return torch.stack([self.loss, self.lm, kd, *(self.loops or [zero] * loops)]).double()
+
+    @staticmethod
+    def unpacked(values: list[float]) -> dict[str, float]:
+        """The record keys of a packed vector's values: loss, lm_loss, kd_loss, loop{b}_loss."""
+        loss, lm, kd, *loops = values
+        return {"loss": loss, "lm_loss": lm, "kd_loss": kd, **{f"loop{b + 1}_loss": v for b, v in enumerate(loops)}}
 
 
 class Objective(nn.Module):
@@ -44,12 +85,11 @@ class Objective(nn.Module):
             plan = student.settings.plan
             plan.exit_layers()  # a CYCLE model with 2 or more loops (also for a run from model.relaxed)
             self.weights = self.exit.loop_weights(plan.num_loops)
-            student.loop_exits = plan.num_loops - 1
+            if student.loop_exits != plan.num_loops - 1:
+                raise ValueError(f"early-exit training needs a student built with loop_exits={plan.num_loops - 1}")
         self.tensors_between_stages = 1 + student.loop_exits + len(self.teacher)
         self.config, self.model_type = student.config, student.model_type
         self.pre_process, self.post_process = student.pre_process, student.post_process
-        # per token on the last stage, for reporting: {"lm": CE, "kd": KL or None, "loops": [CE of each exit]}
-        self.last_parts: dict | None = None
 
     def set_input_tensor(self, input_tensor) -> None:
         if isinstance(input_tensor, (list, tuple)):
@@ -65,9 +105,9 @@ class Objective(nn.Module):
         self.teacher[0].set_input_tensor(teacher_part.detach())
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None, **kwargs):
-        """Per-token loss (b, s) on the last stage; what travels to the next stage elsewhere. Every
-        loss is training.kd's chunked vocab-parallel one, on the LM head's (s, b, vocab / TP) output as
-        it is: no fp32 or transposed copy of a full-vocabulary tensor."""
+        """The LossParts per token (b, s) on the last stage; what travels to the next stage elsewhere.
+        Every loss is training.kd's chunked vocab-parallel one, on the LM head's (s, b, vocab / TP)
+        output as it is: no fp32 or transposed copy of a full-vocabulary tensor."""
         t_out = None
         if self.teacher:
             with torch.no_grad():
@@ -83,16 +123,14 @@ class Objective(nn.Module):
         else:
             loss, ce, kl = distillation_loss(final, None, labels_sb, 1.0, 1.0, group)
             kl = None
-        exits = self._earlier_exits(loops, t_out, labels_sb, group) if loops is not None else []
-        self.last_parts = {"lm": ce.t(), "kd": None if kl is None else kl.t(),
-                           "loops": [ce_b for _, ce_b in exits] + [ce.t()]}
-        loss = loss.t()
+        kd = None if kl is None else kl.t()
         if loops is None:
-            return loss
-        loss = self.weights[-1] * loss
+            return LossParts(loss.t(), ce.t(), kd)
+        exits = self._earlier_exits(loops, t_out, labels_sb, group)
+        total = self.weights[-1] * loss.t()
         for w, (lb, _) in zip(self.weights, exits):
-            loss = loss + w * lb
-        return loss
+            total = total + w * lb
+        return LossParts(total, ce.t(), kd, [ce_b for _, ce_b in exits] + [ce.t()])
 
     def _earlier_exits(self, loops, t_out, labels_sb, group) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(loss, CE) per token (b, s) of each earlier loop's exit."""

@@ -8,36 +8,27 @@ from typing import Callable
 
 import torch
 
-
-def masked_mean(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (per_token.float() * mask).sum() / mask.sum().clamp_min(1)
+from .objective import LossParts
 
 
-def micro_batch_loss(objective, batch: dict, output: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """(loss to back-propagate, detached reports: loss, lm_loss and, where computed, kd_loss and the
-    per-loop exit losses `loops`)."""
-    mask = batch["loss_mask"].float()
-    loss = masked_mean(output, mask)
-    reported = {"loss": loss.detach().clone()}  # megatron scales the returned loss in place
-    parts = objective.last_parts
-    if parts is not None:
-        reported["lm_loss"] = masked_mean(parts["lm"], mask)
-        if parts["kd"] is not None:
-            reported["kd_loss"] = masked_mean(parts["kd"], mask)
-        if len(parts["loops"]) > 1:
-            reported["loops"] = torch.stack([masked_mean(ce, mask) for ce in parts["loops"]])
-    return loss, reported
+def micro_batch_loss(batch: dict, parts: LossParts) -> tuple[torch.Tensor, LossParts]:
+    """(loss to back-propagate, the micro-batch's LossParts, detached: megatron scales the returned
+    loss in place)."""
+    means = parts.masked_mean(batch["loss_mask"].float())
+    loss = means.loss
+    means.loss = loss.detach().clone()
+    return loss, means
 
 
 def forward_backward(objective, batches: list[dict], pp: int, forward_only: bool = False,
-                     backward: Callable[[torch.Tensor], None] | None = None) -> list[dict]:
-    """Runs every micro-batch; returns their reports on the last pipeline stage, [] elsewhere.
+                     backward: Callable[[torch.Tensor], None] | None = None) -> list[LossParts]:
+    """Runs every micro-batch; returns their LossParts on the last pipeline stage, [] elsewhere.
     backward(loss) back-propagates a micro-batch's loss without PP (default: loss.backward())."""
     if pp == 1:
         stored = []
         for batch in batches:
             with torch.set_grad_enabled(not forward_only):
-                loss, reported = micro_batch_loss(objective, batch, objective(batch["tokens"], labels=batch["labels"]))
+                loss, reported = micro_batch_loss(batch, objective(batch["tokens"], labels=batch["labels"]))
             if not forward_only:
                 (backward or torch.Tensor.backward)(loss)
             stored.append(reported)
@@ -47,7 +38,7 @@ def forward_backward(objective, batches: list[dict], pp: int, forward_only: bool
     def step(data_iterator, _model):
         batch = next(data_iterator)
         out = objective(batch["tokens"], labels=batch["labels"])
-        return out, lambda output, b=batch: micro_batch_loss(objective, b, output)
+        return out, lambda output, b=batch: micro_batch_loss(b, output)
 
     mbs, seq = batches[0]["tokens"].shape
     return get_forward_backward_func()(

@@ -33,6 +33,7 @@ from ..errors import UserError
 from ..parallel import cpu_mode
 from .config import TrainConfig, lr_at, plain
 from .memory import REDUCE_BUCKET
+from .objective import LossParts
 from .stops import StopSignals
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -153,7 +154,9 @@ class Trainer:
         layout = ParallelLayout(tp=p.tp, pp=p.pp, sequence_parallel=p.sequence_parallel, recompute=p.recompute)
         reader = CheckpointReader(self.student_dir)
         self.settings = RelaxedSettings(reader.config, layout)
-        self.student = build_model(self.settings, dtype, fp8=fp8_settings(cfg.model), init_weights=False)
+        self.exit_loops = self.settings.plan.num_loops if cfg.exit.enabled else 0  # each loop's exit loss, reported
+        self.student = build_model(self.settings, dtype, fp8=fp8_settings(cfg.model), init_weights=False,
+                                   loop_exits=max(self.exit_loops - 1, 0))
         load_canonical(self.student, self.settings, reader.get)
         self.contracts = grad_contracts(self.student, self.settings, shared_layer_groups(self.settings))
         mark_unique_for_norms(self.student, self.settings)
@@ -194,10 +197,10 @@ class Trainer:
             raise
 
     # -- one step -------------------------------------------------------------------------------
-    def loss_step(self, batches: list[dict], forward_only: bool = False) -> torch.Tensor:
-        """Runs the schedule; returns this rank's share of (loss, lm_loss, kd_loss[, each loop's exit
-        loss]) as a device tensor: the means over its micro-batches on the last stage's TP rank 0,
-        zeros on every other rank, so their sum over the world divided by DP is the step's mean."""
+    def loss_step(self, batches: list[dict], forward_only: bool = False) -> LossParts:
+        """Runs the schedule; returns this rank's share of the step's LossParts (float64 on the device):
+        the means over its micro-batches on the last stage's TP rank 0, zeros on every other rank, so
+        their sum over the world divided by DP is the step's mean."""
         from megatron.core import parallel_state as ps
 
         from .step import forward_backward
@@ -206,38 +209,10 @@ class Trainer:
             self.student.set_is_first_microbatch()  # TE recasts the updated weights to FP8 once per step
         stored = forward_backward(self.model, batches, self.cfg.parallel.pp, forward_only,
                                   backward=self.engine.backward)  # it scales by 1 / micro-batches, like the schedule
-        loops = self.settings.plan.num_loops if self.cfg.exit.enabled else 0
-        share = torch.zeros(3 + loops, dtype=torch.float64, device=self.device)
         if stored and ps.get_tensor_model_parallel_rank() == 0:
-            mean = lambda key: torch.stack([r.get(key, r["loss"]) for r in stored]).double().mean(0)
-            share[0], share[1] = mean("loss"), mean("lm_loss")
-            if self.cfg.kd.enabled:
-                share[2] = mean("kd_loss")
-            if loops:
-                share[3:] = mean("loops")
-        return share
-
-    def gradients(self) -> list[torch.Tensor]:
-        """This step's gradients where the optimizer will read them: ZeRO-2 in DeepSpeed's reduced
-        partitions, bf16 ZeRO-1 in its fp32 buffers, others in .grad."""
-        from .grads import accumulated_grad
-
-        if self.cfg.parallel.zero_stage >= 2:
-            groups = (getattr(self.optimizer, "averaged_gradients", None) or {}).values()
-            return [t for group in groups if group for t in group if t is not None]
-        return [g for g in map(accumulated_grad, self.student.parameters()) if g is not None]
-
-    def discard_gradients(self) -> None:
-        """Drops this step's gradients wherever the optimizer keeps them, as DeepSpeed's own overflow
-        path does: ZeRO-2's reduced partitions outlive zero_grad() and would carry a non-finite
-        step's gradients into the next one."""
-        self.optimizer.zero_grad()
-        for held in ("averaged_gradients", "all_grad_tensors"):
-            partitions = getattr(self.optimizer, held, None) or {}
-            for key in partitions:
-                partitions[key] = None
-        for prm in self.student.parameters():
-            prm.grad = None
+            return LossParts.mean(stored)
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        return LossParts(zero, zero, zero if self.cfg.kd.enabled else None, [zero] * self.exit_loops)
 
     def _nonfinite(self) -> torch.Tensor:
         """1.0 where any of this rank's gradients is not finite, on the device: no host sync."""
@@ -247,20 +222,18 @@ class Trainer:
         finite = torch.stack([torch.isfinite(t).all() for t in tensors]).all()
         return (~finite).to(device=self.device, dtype=torch.float64)
 
-    def _agree(self, share: torch.Tensor, nonfinite: torch.Tensor | None = None) -> dict:
+    def _agree(self, share: LossParts, nonfinite: torch.Tensor | None = None) -> dict:
         """The one collective and host sync of a step: sums over the world of the loss shares, the
         non-finite flags and the stop flags, so every rank reports, skips and stops alike."""
         flags = torch.stack([torch.zeros((), dtype=torch.float64, device=self.device) if nonfinite is None
                              else nonfinite.to(self.device, torch.float64),
                              torch.tensor(float(self.signals.received is not None), dtype=torch.float64,
                                           device=self.device)])
-        values = torch.cat([share, flags])
+        values = torch.cat([share.packed(self.exit_loops), flags])
         dist.all_reduce(values)
         *parts, bad, stop = values.tolist()
-        loss, lm, kd, *loops = parts
-        return {"loss": loss / self.dp, "lm_loss": lm / self.dp, "kd_loss": kd / self.dp,
-                **{f"loop{b + 1}_loss": v / self.dp for b, v in enumerate(loops)},
-                "finite": bad == 0 and math.isfinite(loss), "stop": stop > 0}
+        agreed = {k: v / self.dp for k, v in LossParts.unpacked(parts).items()}
+        return {**agreed, "finite": bad == 0 and math.isfinite(agreed["loss"]), "stop": stop > 0}
 
     def agree_stop(self) -> bool:
         """Whether any rank has been sent a stop signal (one all-reduce of a flag), outside a step: after
