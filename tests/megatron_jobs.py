@@ -154,9 +154,9 @@ def train_job(config_path: str, overrides: list[str], out_path: str, nan_steps=(
     after that step; grad_probe: record where the gradients are when the gradient contracts run;
     delays: (hook, step, rank, seconds), that rank sleeps in that hook ("backward" or "saved") of that
     step. Every step's DeepSpeed collectives are saved too (training.comms)."""
-    import time
     import os
     import signal
+    import time
 
     import torch.distributed as dist
 
@@ -355,9 +355,8 @@ def te_row_lora_job(out_path: str) -> None:
         out, _ = lin(x[..., cols].clone().requires_grad_())
         (out * probe[rows]).sum().backward()
         a, b = lin.lora.lora_A["down_0"], lin.lora.lora_B["down_0"]
-        for p in (a, b):
-            if getattr(p, "relaxrec_tp_sum_grad", False):
-                dist.all_reduce(p.grad, group=ps.get_tensor_model_parallel_group())
+        for p in lin.tp_summed_grads:
+            dist.all_reduce(p.grad, group=ps.get_tensor_model_parallel_group())
         full_a = [torch.empty_like(a.grad) for _ in range(tp)]
         dist.all_gather(full_a, a.grad.contiguous(), group=ps.get_tensor_model_parallel_group())
         grads[name] = {"A": torch.cat(full_a, dim=1), "B": b.grad.clone()}

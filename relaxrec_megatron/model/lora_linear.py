@@ -9,8 +9,8 @@ Layouts under tensor parallelism (as Megatron-Bridge's ParallelLinearAdapter):
 Column side: z = A x is computed once per rank and B_local z gives this rank's output rows; with
 sequence parallelism z (r wide, not h) is what gets all-gathered. Row side: B (A_local x_local) is a
 partial sum like the base output, so it is added *before* the base's all-reduce / reduce-scatter
-and LoRA adds no collective; B's gradient is then a partial sum too, and `relaxrec_tp_sum_grad`
-tells `training.grads.finalize_grads` to sum it over TP.
+and LoRA adds no collective; B's gradient is then a partial sum too: each module lists such
+parameters in `tp_summed_grads`, which `training.grads.grad_contracts` sums over TP.
 
 A fused output (linear_qkv, linear_fc1) is several modules: q, k, v interleaved per query group
 [q heads of g, k_g, v_g], and [gate_i; up_i] on each TP rank. Each module has its own A and B.
@@ -127,10 +127,9 @@ class ColumnLora(LoopAware):
         self.lora_layout = None if self.lora_replicated else self._lora_layout()
         self.loop_bias = nn.ParameterDict({str(b): nn.Parameter(torch.zeros(self.local_out, dtype=config.params_dtype))
                                            for b in loops}) if per_loop_bias and bias else None
-        for p in self.lora.lora_A.values():
-            p.relaxrec_tp_sum_grad = self.lora_sp  # A sees only this rank's tokens under SP
-        for p in self.lora.lora_B.values():
-            p.relaxrec_tp_sum_grad = self.lora_replicated  # each rank's gradient covers its rows only
+        # A sees only this rank's tokens under SP; a replicated B's gradient covers this rank's rows only
+        self.tp_summed_grads = [*(self.lora.lora_A.values() if self.lora_sp else ()),
+                                *(self.lora.lora_B.values() if self.lora_replicated else ())]
 
     def _lora_shapes(self, d_in: int, out: int) -> dict[str, tuple[int, int]]:
         if self.lora_modules == ("q", "k", "v"):
@@ -224,8 +223,7 @@ class RowLora(LoopAware):
         self.lora = LoopLora({self.module: (output_size, input_size // tp)}, lora_ranks, loops, config.params_dtype)
         self.loop_bias = nn.ParameterDict({str(b): nn.Parameter(torch.zeros(output_size, dtype=config.params_dtype))
                                            for b in loops}) if per_loop_bias and bias else None
-        for p in self.lora.lora_B.values():
-            p.relaxrec_tp_sum_grad = tp > 1
+        self.tp_summed_grads = list(self.lora.lora_B.values()) if tp > 1 else []
         for p in (self.loop_bias or {}).values():  # added after the reduce-scatter: a partial sum under SP
             p.sequence_parallel = config.sequence_parallel
 
@@ -291,10 +289,9 @@ def te_linear_classes():
                              bias=bias and not per_loop_bias, **kwargs)
             self._init_lora(input_size, output_size, config, lora_modules, lora_ranks, loops, per_loop_bias, bias)
             self.lora_sp = config.sequence_parallel
-            for p in self.lora.lora_B.values():
-                # B multiplies the reduced activation: every rank computes the same term without SP,
-                # and only its own tokens' share under SP (a partial sum over TP then)
-                p.relaxrec_tp_sum_grad = self.lora_sp
+            # B multiplies the reduced activation: every rank computes the same term without SP,
+            # and only its own tokens' share under SP (a partial sum over TP then)
+            self.tp_summed_grads = list(self.lora.lora_B.values()) if self.lora_sp else []
 
         def forward(self, x):
             out, bias = super().forward(x)

@@ -55,12 +55,13 @@ def grad_contracts(model, settings, groups: dict[int, object]) -> list[tuple[tor
 
     tp_parallel = ps.get_tensor_model_parallel_world_size() > 1
     shared = {piece.param: piece.shared_layer for piece in pieces(model, settings) if piece.shared_layer is not None}
+    tp_summed = {id(p) for m in model.modules() for p in getattr(m, "tp_summed_grads", ())}  # LoRA's partial sums
     contracts: dict[int, tuple[torch.nn.Parameter, list]] = {}
     for name, p in model.named_parameters():
         over = []
         if shared.get(name) in groups:
             over.append(groups[shared[name]])
-        if tp_parallel and (getattr(p, "relaxrec_tp_sum_grad", False) or
+        if tp_parallel and (id(p) in tp_summed or
                             (getattr(p, "sequence_parallel", False) and model.config.sequence_parallel)):
             over.append(ps.get_tensor_model_parallel_group())
         if over:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -11,13 +10,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
 
 from ..console import quiet_third_party
 from ..errors import UserError
 from .config import TrainConfig, plain
 from .preflight import check_against_model, check_runtime
-from .watchdog import StallWatch
 
 
 class Preempted(Exception):
@@ -112,81 +109,6 @@ def build_data(cfg: TrainConfig, student_dir: Path):
     return build_datasets(cfg, info, train_samples, valid_samples)
 
 
-class Logger:
-    """Console on rank 0, run_dir/metrics.jsonl (every step's record, appended across resumes: the last
-    line of a step wins), and wandb (offline without WANDB_API_KEY).
-
-    Records are kept until `flush` (every logging.every steps, before a checkpoint and at the end):
-    their device tensors (DeepSpeed's gradient norm) are then read in one transfer, so the host waits
-    for the device once per logging interval, not once per step."""
-
-    def __init__(self, cfg: TrainConfig, run_dir: Path, recursion: dict):
-        self.cfg, self.wandb = cfg, None
-        self.metrics = run_dir / "metrics.jsonl"
-        self.pending: list[dict] = []
-        if dist.get_rank() != 0 or cfg.logging.wandb_mode == "disabled":
-            return
-        mode = cfg.logging.wandb_mode
-        if mode == "auto":
-            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
-        os.environ.setdefault("WANDB_SILENT", "true")
-        try:
-            import wandb
-
-            self.wandb = wandb.init(project=cfg.logging.wandb_project, name=cfg.run.name, group=cfg.logging.wandb_group,
-                                    dir=str(run_dir), mode=mode, config={**plain(cfg), "recursion": recursion},
-                                    resume="allow", id=cfg.run.name.replace("/", "-"))
-        except Exception as e:  # logging must never stop a run; say so once
-            print(f"[train] wandb disabled: {type(e).__name__}: {e}", flush=True)
-
-    def record(self, rec: dict) -> None:
-        self.pending.append(rec)
-
-    def flush(self, bar=None) -> None:
-        """Reads the pending records' tensors (in place: they are the records train() returns), writes
-        them, and prints those of logging steps."""
-        recs, self.pending = self.pending, []
-        slots = [(rec, k) for rec in recs for k, v in rec.items() if torch.is_tensor(v)]
-        if slots:
-            values = torch.stack([rec[k].detach().reshape(()).double().cpu() for rec, k in slots]).tolist()
-            for (rec, k), v in zip(slots, values):
-                rec[k] = v
-        if dist.get_rank() != 0 or not recs:
-            return
-        with self.metrics.open("a") as f:
-            f.writelines(json.dumps(rec) + "\n" for rec in recs)
-        for rec in recs:
-            if rec["step"] % self.cfg.logging.every == 0:
-                self.log(rec, bar if bar is not None and bar.disable is False and self.cfg.logging.every == 1 else None)
-
-    def log_eval(self, val: dict, step: int) -> None:
-        if self.wandb is not None:
-            self.wandb.log(val, step=step)
-        if dist.get_rank() == 0:
-            loops = [v for k, v in val.items() if k.startswith("valid_loop") and k.endswith("_ppl")]
-            by_loop = f" (by loop {' / '.join(f'{v:.2f}' for v in loops)})" if loops else ""
-            print(f"[eval] step {step} valid loss {val['valid_loss']:.4f} ppl {val['valid_ppl']:.2f}{by_loop}",
-                  flush=True)
-
-    def log(self, rec: dict, bar=None) -> None:
-        if self.wandb is not None:
-            self.wandb.log({k: v for k, v in rec.items() if isinstance(v, (int, float))}, step=rec["step"])
-        loops = [rec[k] for k in sorted(rec) if k.startswith("loop") and k.endswith("_loss")]
-        by_loop = f"loops {'/'.join(f'{v:.4f}' for v in loops)} " if loops else ""
-        kd = f"kd {rec['kd_loss']:.4f} " if self.cfg.kd.enabled else ""
-        line = (f"step {rec['step']:>6} loss {rec['loss']:.4f} lm {rec['lm_loss']:.4f} {kd}"
-                f"{by_loop}lr {rec['lr']:.2e} gnorm {rec['grad_norm']:.3f} {rec['tokens_per_s']:.0f} tok/s")
-        if bar is not None:
-            bar.set_postfix_str(line)
-        else:
-            print(line, flush=True)
-
-    def close(self) -> None:
-        self.flush()
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
 def train(cfg: TrainConfig, hooks=None) -> list[dict]:
     """Runs (or resumes) the configured uptraining; a stop signal ends it with Preempted after a
     checkpoint. hooks: trainer.Hooks."""
@@ -216,9 +138,11 @@ def train(cfg: TrainConfig, hooks=None) -> list[dict]:
 
 def _train(cfg: TrainConfig, run_dir: Path, signals, hooks) -> list[dict]:
     from ..model.checkpoint import incomplete
-    from ..parallel.distributed import collective_timeout, set_collective_timeout
+    from ..parallel.distributed import collective_timeout
     from .checkpoints import CheckpointManager
+    from .logger import Logger
     from .trainer import Trainer
+    from .validator import Validator
 
     if dist.get_rank() == 0:
         (run_dir / "config.json").write_text(json.dumps(plain(cfg), indent=1, default=str))
@@ -228,7 +152,7 @@ def _train(cfg: TrainConfig, run_dir: Path, signals, hooks) -> list[dict]:
     with collective_timeout(cfg.data.build_timeout_min * 60):  # rank 0 builds the indices, the others wait
         train_ds, valid_ds = build_data(cfg, student_dir)
     trainer = Trainer(cfg, student_dir, teacher_dir, signals, hooks)
-    trainer.setup(train_ds, valid_ds)
+    trainer.setup(train_ds)
     checkpoints = CheckpointManager(run_dir / "checkpoints", cfg.checkpoint.keep_last, trainer.hooks)
     resume = cfg.checkpoint.resume
     latest = checkpoints.resume_point() if resume == "auto" else (Path(resume) if resume not in ("none", "") else None)
@@ -242,57 +166,7 @@ def _train(cfg: TrainConfig, run_dir: Path, signals, hooks) -> list[dict]:
         raise stopped_by(trainer, checkpoints, [])
     logger = Logger(cfg, run_dir, {k: trainer.settings.hf[k] for k in ("num_loops", "recursion_strategy",
                                                                         "shared_init", "lora_ranks")})
-    watch = StallWatch(cfg.parallel.stall_factor, cfg.parallel.stall_floor_s, cfg.checkpoint.save_timeout_min * 60,
-                       cfg.eval.batches)
-    bar = tqdm(total=cfg.optim.train_steps, initial=trainer.step, unit="step", desc="train",
-               disable=dist.get_rank() != 0, dynamic_ncols=True)
-    records = []
-    step_s, save_s = cfg.parallel.collective_timeout_min * 60, cfg.checkpoint.save_timeout_min * 60
-    lowered = False  # the start-up limits hold until the first step is done
-
-    @contextlib.contextmanager
-    def phase(what: str, step: int):
-        """What the run is doing, for the stall watch's limits, the collectives' and the stop line."""
-        nonlocal lowered
-        watch.begin(what, step)
-        signals.phase = f"{'' if what == 'step' else 'the '}{what} {step}"
-        saving = what.startswith("save") and lowered
-        if saving:  # rank 0 writes the manifest while the others wait in a barrier
-            set_collective_timeout(save_s)
-        yield
-        if saving or not lowered:
-            set_collective_timeout(step_s)
-            lowered = True
-        watch.end()
-
-    try:
-        while trainer.step < cfg.optim.train_steps and not trainer.stop_requested:
-            with phase("step", trainer.step + 1):
-                rec = trainer.train_step()
-            records.append(rec)
-            logger.record(rec)
-            bar.update(1)
-            done = trainer.step >= cfg.optim.train_steps
-            save = ((done and cfg.checkpoint.save_final) or trainer.stop_requested
-                    or rec["step"] % cfg.checkpoint.save_every == 0)
-            if save or rec["step"] % cfg.logging.every == 0:
-                logger.flush(bar)
-            evaluated = bool(cfg.eval.every and rec["step"] % cfg.eval.every == 0 and valid_ds is not None
-                             and not trainer.stop_requested)  # a stop costs the step in flight and the save
-            if evaluated:
-                with phase("evaluation at step", trainer.step):
-                    logger.log_eval(evaluate(trainer, valid_ds), rec["step"])
-            if save:
-                with phase("save of step", trainer.step):
-                    checkpoints.save(trainer)
-            if (save or evaluated) and not done and not trainer.stop_requested and trainer.agree_stop():
-                if not save:  # sent during the evaluation; one sent during a save stops with that checkpoint
-                    with phase("save of step", trainer.step):
-                        checkpoints.save(trainer)
-    finally:  # a failing step keeps the records of the steps before it, and its error is the last line
-        watch.close()
-        logger.flush()
-        bar.close()
+    records = trainer.train(checkpoints, logger, Validator(valid_ds) if valid_ds is not None else None)
     final = trainer.step >= cfg.optim.train_steps
     if trainer.stop_requested and (not final or cfg.eval.tasks):  # a stop at the last step is the end, but
         logger.close()                                              # for the scoring, which the relaunch does
@@ -362,26 +236,6 @@ def score_tasks(cfg: TrainConfig, checkpoint: Path, run_dir: Path) -> dict:
         raise UserError(f"scoring {checkpoint} on eval.tasks failed (exit {rc}); the checkpoint is complete, "
                         f"rerun with: relaxrec eval tasks {checkpoint} --tasks {','.join(e.tasks)}")
     return next(iter(json.loads(out.read_text())["models"].values()))["results"]
-
-
-def evaluate(trainer, dataset) -> dict:
-    from .data import micro_batches
-
-    cfg = trainer.cfg
-    trainer.model.eval()
-    losses = []
-    with torch.no_grad():
-        for b in range(cfg.eval.batches):
-            batches = micro_batches(dataset, b * cfg.optim.global_batch_size, cfg.optim.global_batch_size,
-                                    cfg.optim.micro_batch_size, trainer.dp_rank, trainer.dp, trainer.device)
-            losses.append(trainer.eval_losses(batches))
-    mean = {k: sum(d[k] for d in losses) / len(losses) for k in losses[0]}
-    out = {"valid_loss": mean.pop("lm_loss")}
-    ppl = lambda loss: float(torch.tensor(loss).exp())  # inf, not an OverflowError, for a diverged run
-    out["valid_ppl"] = ppl(out["valid_loss"])
-    for key, v in mean.items():  # loop{b}_loss: each exit's CE
-        out[f"valid_{key}"], out[f"valid_{key[:-5]}_ppl"] = v, ppl(v)
-    return out
 
 
 def tell_launcher(stopped: Preempted) -> None:

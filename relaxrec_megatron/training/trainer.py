@@ -1,5 +1,7 @@
 """The uptraining loop: megatron-core pipeline schedules for forward/backward, DeepSpeed ZeRO for the
-optimizer state, distillation from the frozen source model; training.checkpoints saves and resumes it.
+optimizer state, distillation from the frozen source model. Trainer.train runs the steps, evaluations
+(training.validator), logging (training.logger), checkpoints (training.checkpoints) and the stop;
+training.run sets a run up around it.
 
 One step: this rank's micro-batches of the global batch, on the model's device -> schedule (the
 loss is the mean over the micro-batch tokens) -> gradient contracts of the recursive model
@@ -12,7 +14,7 @@ ZeRO-1 reduces there, ZeRO-2 during each micro-batch's backward, in parallel.gra
 Host syncs of a step: that one, and DeepSpeed's own: it checks that the gradient norm is finite
 (runtime.utils.is_invalid_grad_norm) and, in BF16_Optimizer, compares the clip coefficient with 1
 (clip_tensors_by_global_norm). The gradient norm is handed to the logger as a device tensor, which
-reads a logging interval's records at once (training.run.Logger); the KD and cross-entropy losses
+reads a logging interval's records at once (training.logger.Logger); the KD and cross-entropy losses
 index without boolean masks (training.kd). tests/test_training.py counts them.
 """
 
@@ -124,7 +126,7 @@ class Trainer:
         self._state_bytes_seen = 0
 
     # -- setup ----------------------------------------------------------------------------------
-    def setup(self, train_dataset, valid_dataset=None) -> None:
+    def setup(self, train_dataset) -> None:
         """Models (student, and the teacher for KD), optimizer, DeepSpeed engine, data."""
         from megatron.core import parallel_state as ps
 
@@ -135,7 +137,7 @@ class Trainer:
         self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         self.micro = self.cfg.optim.global_batch_size // (self.cfg.optim.micro_batch_size * self.dp)
         self.build_engine(self.build_optimizer())
-        self.train_dataset, self.valid_dataset = train_dataset, valid_dataset
+        self.train_dataset = train_dataset
 
     def build_models(self) -> None:
         """This rank's stage of the student (and of the frozen teacher) from their relaxed HF
@@ -213,6 +215,28 @@ class Trainer:
             return LossParts.mean(stored)
         zero = torch.zeros((), dtype=torch.float64, device=self.device)
         return LossParts(zero, zero, zero if self.cfg.kd.enabled else None, [zero] * self.exit_loops)
+
+    def gradients(self) -> list[torch.Tensor]:
+        """This step's gradients where the optimizer will read them: ZeRO-2 in DeepSpeed's reduced
+        partitions, bf16 ZeRO-1 in its fp32 buffers, others in .grad."""
+        from .grads import accumulated_grad
+
+        if self.cfg.parallel.zero_stage >= 2:
+            groups = (getattr(self.optimizer, "averaged_gradients", None) or {}).values()
+            return [t for group in groups if group for t in group if t is not None]
+        return [g for g in map(accumulated_grad, self.student.parameters()) if g is not None]
+
+    def discard_gradients(self) -> None:
+        """Drops this step's gradients wherever the optimizer keeps them, as DeepSpeed's own overflow
+        path does: ZeRO-2's reduced partitions outlive zero_grad() and would carry a non-finite
+        step's gradients into the next one."""
+        self.optimizer.zero_grad()
+        for held in ("averaged_gradients", "all_grad_tensors"):
+            partitions = getattr(self.optimizer, held, None) or {}
+            for key in partitions:
+                partitions[key] = None
+        for prm in self.student.parameters():
+            prm.grad = None
 
     def _nonfinite(self) -> torch.Tensor:
         """1.0 where any of this rank's gradients is not finite, on the device: no host sync."""
@@ -304,6 +328,71 @@ class Trainer:
         if self.hooks.after_step is not None:
             self.hooks.after_step(self, rec)
         return rec
+
+    # -- the loop -------------------------------------------------------------------------------
+    def train(self, checkpoints, logger, validator=None) -> list[dict]:
+        """Steps until optim.train_steps or an agreed stop: every step's record to the logger, an
+        evaluation every eval.every steps (validator), a checkpoint every checkpoint.save_every steps,
+        at the end and at a stop. Returns this run's records; a stop leaves stop_requested set and the
+        step it stopped at saved. A failing step keeps the records of the steps before it."""
+        from tqdm.auto import tqdm
+
+        from ..parallel.distributed import set_collective_timeout
+        from .watchdog import StallWatch
+
+        cfg = self.cfg
+        watch = StallWatch(cfg.parallel.stall_factor, cfg.parallel.stall_floor_s, cfg.checkpoint.save_timeout_min * 60,
+                           cfg.eval.batches)
+        bar = tqdm(total=cfg.optim.train_steps, initial=self.step, unit="step", desc="train",
+                   disable=dist.get_rank() != 0, dynamic_ncols=True)
+        records = []
+        step_s, save_s = cfg.parallel.collective_timeout_min * 60, cfg.checkpoint.save_timeout_min * 60
+        lowered = False  # the start-up limits hold until the first step is done
+
+        @contextlib.contextmanager
+        def phase(what: str, step: int):
+            """What the run is doing, for the stall watch's limits, the collectives' and the stop line."""
+            nonlocal lowered
+            watch.begin(what, step)
+            self.signals.phase = f"{'' if what == 'step' else 'the '}{what} {step}"
+            saving = what.startswith("save") and lowered
+            if saving:  # rank 0 writes the manifest while the others wait in a barrier
+                set_collective_timeout(save_s)
+            yield
+            if saving or not lowered:
+                set_collective_timeout(step_s)
+                lowered = True
+            watch.end()
+
+        try:
+            while self.step < cfg.optim.train_steps and not self.stop_requested:
+                with phase("step", self.step + 1):
+                    rec = self.train_step()
+                records.append(rec)
+                logger.record(rec)
+                bar.update(1)
+                done = self.step >= cfg.optim.train_steps
+                save = ((done and cfg.checkpoint.save_final) or self.stop_requested
+                        or rec["step"] % cfg.checkpoint.save_every == 0)
+                if save or rec["step"] % cfg.logging.every == 0:
+                    logger.flush(bar)
+                evaluated = bool(cfg.eval.every and rec["step"] % cfg.eval.every == 0 and validator is not None
+                                 and not self.stop_requested)  # a stop costs the step in flight and the save
+                if evaluated:
+                    with phase("evaluation at step", self.step):
+                        logger.log_eval(validator(self), rec["step"])
+                if save:
+                    with phase("save of step", self.step):
+                        checkpoints.save(self)
+                if (save or evaluated) and not done and not self.stop_requested and self.agree_stop():
+                    if not save:  # sent during the evaluation; one sent during a save stops with that checkpoint
+                        with phase("save of step", self.step):
+                            checkpoints.save(self)
+        finally:
+            watch.close()
+            logger.flush()
+            bar.close()
+        return records
 
     def _state_bytes(self) -> int:
         """optimizer_state_bytes, walked once: Adam's state exists from the first update on and keeps its size."""
