@@ -23,6 +23,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench_train import run_arguments, synthetic_run  # tools/, this script's folder
+
 # each option: the run config's overrides, and DeepSpeed settings put over the trainer's own
 OPTIONS = {
     "zero1 (default)": (["parallel.zero_stage=1"], {}),
@@ -64,16 +66,11 @@ def counted_entry(config_path: str, overrides: list[str], out: str, zero: dict) 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--rank", type=int, default=64)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--steps", type=int, default=6)
+    run_arguments(p, steps=6)
     p.add_argument("--micro", type=int, default=4, help="micro-batches per rank and step")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
     p.add_argument("--options", default=",".join(OPTIONS), help="comma-separated names from: " + ", ".join(OPTIONS))
     a = p.parse_args()
-    from bench_train import synthetic_run
 
     from relaxrec_megatron.parallel.local_world import run_world
     from relaxrec_megatron.training.config import load_config

@@ -51,13 +51,18 @@ logging: {{wandb_mode: disabled}}
     return root / "c.yaml"
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def run_arguments(p: argparse.ArgumentParser, steps: int) -> None:
+    """The synthetic run's shape (synthetic_run)."""
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--steps", type=int, default=steps)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    run_arguments(p, steps=8)
     p.add_argument("--world", type=int, default=2, help="local processes (data parallel)")
     a = p.parse_args()
     from relaxrec_megatron.parallel.local_world import run_world
