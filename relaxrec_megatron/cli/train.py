@@ -30,10 +30,13 @@ def run(args) -> int:
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
     from ..errors import EXIT_REQUEUE
+    from ..parallel.distributed import shutdown
     from ..training.run import Preempted, train
 
     try:
         train(cfg)
     except Preempted:  # the checkpoint is complete and the line is printed: exit for a requeue
         return EXIT_REQUEUE
+    finally:
+        shutdown()
     return 0

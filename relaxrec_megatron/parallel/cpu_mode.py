@@ -2,8 +2,10 @@
 
 megatron-core assumes CUDA: `torch.cuda.current_device()` used as a device, CUDA RNG state in the
 model-parallel RNG tracker, literal `device="cuda"` / `.cuda()` in schedules, optimizer and DDP
-buffers, `torch.cuda.synchronize` and streams. `enable()` redirects exactly these to the CPU.
-It is inert when CUDA is available: nothing is patched there.
+buffers, `torch.cuda.synchronize` and streams. `enable()` redirects exactly these to the CPU and
+`disable()` puts them back (parallel.distributed enters it with the process group and leaves it
+with `shutdown`). It is inert when CUDA is available: nothing is patched there, and nothing is
+patched at import.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import contextlib
 import torch
 from torch.overrides import TorchFunctionMode
 
-_ENABLED = False
 _CPU = torch.device("cpu")
 
 
@@ -46,33 +47,49 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+_PATCHED: dict | None = None  # while CPU mode is on: what it replaced, and its device mode
+
+
 def enable() -> bool:
-    """Patch megatron-core's CUDA assumptions for CPU use. Returns False (and does nothing) with CUDA."""
-    global _ENABLED
+    """Patch megatron-core's CUDA assumptions for CPU use, until disable(). Returns False (and does
+    nothing) with CUDA."""
+    global _PATCHED
     if cuda_available():
         return False
-    if _ENABLED:
+    if _PATCHED is not None:
         return True
-    torch.cuda.current_device = lambda: _CPU
-    torch.cuda.synchronize = lambda *a, **k: None
-    torch.cuda.current_stream = lambda *a, **k: contextlib.nullcontext()
-    torch.cuda.manual_seed = lambda *a, **k: None
-    torch.cuda.manual_seed_all = lambda *a, **k: None
-    torch.cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
-    torch.cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
-    torch.cuda.device_count = lambda: 0
-
     from megatron.core.tensor_parallel import random as mp_random
 
-    mp_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
-    mp_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
-    _CudaToCpu().__enter__()  # process-wide: megatron creates CUDA tensors from many places
-    _ENABLED = True
+    cuda = {"current_device": lambda: _CPU, "synchronize": lambda *a, **k: None,
+            "current_stream": lambda *a, **k: contextlib.nullcontext(), "manual_seed": lambda *a, **k: None,
+            "manual_seed_all": lambda *a, **k: None, "get_rng_state": lambda *a, **k: torch.get_rng_state(),
+            "set_rng_state": lambda state, *a, **k: torch.set_rng_state(state), "device_count": lambda: 0}
+    rng = {"_get_cuda_rng_state": lambda *a, **k: torch.get_rng_state(),
+           "_set_cuda_rng_state": lambda state, *a, **k: torch.set_rng_state(state)}
+    saved = [(owner, name, getattr(owner, name)) for owner, names in ((torch.cuda, cuda), (mp_random, rng))
+             for name in names]
+    for owner, names in ((torch.cuda, cuda), (mp_random, rng)):
+        for name, replacement in names.items():
+            setattr(owner, name, replacement)
+    mode = _CudaToCpu()
+    mode.__enter__()  # process-wide: megatron creates CUDA tensors from many places
+    _PATCHED = {"saved": saved, "mode": mode}
     return True
 
 
+def disable() -> None:
+    """Leaves CPU mode: puts back what enable() replaced and leaves its device mode."""
+    global _PATCHED
+    if _PATCHED is None:
+        return
+    _PATCHED["mode"].__exit__(None, None, None)
+    for owner, name, original in _PATCHED["saved"]:
+        setattr(owner, name, original)
+    _PATCHED = None
+
+
 def enabled() -> bool:
-    return _ENABLED
+    return _PATCHED is not None
 
 
 def without_deepspeed_shm_comm() -> None:

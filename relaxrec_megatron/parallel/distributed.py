@@ -79,6 +79,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def shutdown() -> None:
+    """Leaves what init_distributed entered: megatron's groups, the groups made here, the process
+    group and CPU mode."""
+    from megatron.core import parallel_state as ps
+
+    ps.destroy_model_parallel()
+    _SUBGROUPS.clear()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    cpu_mode.disable()
+
+
+_SUBGROUPS: dict[tuple[int, ...], object] = {}
+
+
+def subgroup(ranks: tuple[int, ...]):
+    """The process group of these ranks, made once per world (every rank must ask for the same groups
+    in the same order, members or not, as torch.distributed.new_group requires)."""
+    if ranks not in _SUBGROUPS:
+        _SUBGROUPS[ranks] = dist.new_group(list(ranks))
+    return _SUBGROUPS[ranks]
+
+
 @contextlib.contextmanager
 def single_process_group():
     """dist_checkpointing needs a process group; make a 1-rank gloo one if there is none."""
@@ -86,10 +109,12 @@ def single_process_group():
         yield
         return
 
-    cpu_mode.enable()
+    entered = not cpu_mode.enabled() and cpu_mode.enable()
     # a port of its own, not MASTER_PORT: the environment may belong to a launcher's store
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         yield
     finally:
         dist.destroy_process_group()
+        if entered:
+            cpu_mode.disable()

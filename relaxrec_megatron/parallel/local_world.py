@@ -35,10 +35,9 @@ def _entry(rank, world, port, fn, args, errors, env):
         errors.put((rank, traceback.format_exc()))
         raise
     finally:
-        import torch.distributed as dist
+        from .distributed import shutdown
 
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown()
 
 
 def _context(fn):

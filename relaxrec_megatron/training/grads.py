@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-_GROUPS: dict[tuple[int, ...], object] = {}
+from ..parallel.distributed import subgroup
 
 
 def shared_layer_groups(settings) -> dict[int, object]:
@@ -30,10 +30,9 @@ def shared_layer_groups(settings) -> dict[int, object]:
             if len(stages) < 2:
                 continue
             ranks = tuple(group[s] for s in stages)
-            if ranks not in _GROUPS:
-                _GROUPS[ranks] = dist.new_group(list(ranks))
+            made = subgroup(ranks)
             if dist.get_rank() in ranks:
-                mine[stages] = _GROUPS[ranks]
+                mine[stages] = made
     return {k: mine[tuple(settings.stages_holding(k))] for k in range(settings.plan.num_shared)
             if len(settings.stages_holding(k)) > 1 and tuple(settings.stages_holding(k)) in mine}
 

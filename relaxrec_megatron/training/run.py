@@ -253,8 +253,12 @@ def tell_launcher(stopped: Preempted) -> None:
 
 def train_entry(config_path: str, overrides: list[str], records_path: str | None = None, hooks=None) -> None:
     """Entry of one local rank (parallel.local_world.run_world): train, optionally save the records."""
+    from ..parallel.distributed import shutdown
     from .config import load_config
 
-    records = train(load_config(config_path, overrides), hooks)
-    if records_path is not None:
-        torch.save(records, f"{records_path}.rank{dist.get_rank()}.pt")
+    try:
+        records = train(load_config(config_path, overrides), hooks)
+        if records_path is not None:
+            torch.save(records, f"{records_path}.rank{dist.get_rank()}.pt")
+    finally:
+        shutdown()
