@@ -369,6 +369,8 @@ def te_row_lora_job(out_path: str) -> None:
 def sync_job(config_path: str, overrides: list[str], out_path: str) -> None:
     """`relaxrec train` with each step's host synchronisations recorded (tests/syncs.py): saves, per
     step, the code sites that asked for a device value."""
+    import os
+
     from syncs import recording_syncs
 
     from relaxrec_megatron.training.run import train_entry
@@ -384,5 +386,6 @@ def sync_job(config_path: str, overrides: list[str], out_path: str) -> None:
         return rec
 
     Trainer.train_step = recorded
+    rank = int(os.environ["RANK"])  # train_entry leaves the process group when it is done
     train_entry(config_path, overrides)
-    torch.save(per_step, f"{out_path}.rank{dist.get_rank()}.pt")
+    torch.save(per_step, f"{out_path}.rank{rank}.pt")
