@@ -66,10 +66,10 @@ def enable() -> bool:
             "set_rng_state": lambda state, *a, **k: torch.set_rng_state(state), "device_count": lambda: 0}
     rng = {"_get_cuda_rng_state": lambda *a, **k: torch.get_rng_state(),
            "_set_cuda_rng_state": lambda state, *a, **k: torch.set_rng_state(state)}
-    saved = [(owner, name, getattr(owner, name)) for owner, names in ((torch.cuda, cuda), (mp_random, rng))
-             for name in names]
-    for owner, names in ((torch.cuda, cuda), (mp_random, rng)):
-        for name, replacement in names.items():
+    saved = []
+    for owner, replacements in ((torch.cuda, cuda), (mp_random, rng)):
+        for name, replacement in replacements.items():
+            saved.append((owner, name, getattr(owner, name)))
             setattr(owner, name, replacement)
     mode = _CudaToCpu()
     mode.__enter__()  # process-wide: megatron creates CUDA tensors from many places

@@ -44,20 +44,22 @@ def collective_timeout(seconds: float):
         before = group._get_backend(local_device()).options._timeout
     except (AttributeError, RuntimeError):
         before = timedelta(seconds=DEFAULT_TIMEOUT_S)
-    set_timeout = getattr(dist, "set_timeout", None) or dist.distributed_c10d._set_pg_timeout  # torch < 2.11
-    set_timeout(timedelta(seconds=seconds), group)
+    _set_timeout(timedelta(seconds=seconds), group)
     try:
         yield
     finally:
-        set_timeout(before, group)
+        _set_timeout(before, group)
 
 
 def set_collective_timeout(seconds: float) -> None:
     """From now on, every process group of this rank (the default one, megatron's, DeepSpeed's) gives
     up a collective after `seconds`."""
-    set_timeout = getattr(dist, "set_timeout", None) or dist.distributed_c10d._set_pg_timeout  # torch < 2.11
     for group in list(dist.distributed_c10d._world.pg_map):
-        set_timeout(timedelta(seconds=seconds), group)
+        _set_timeout(timedelta(seconds=seconds), group)
+
+
+def _set_timeout(timeout: timedelta, group) -> None:
+    (getattr(dist, "set_timeout", None) or dist.distributed_c10d._set_pg_timeout)(timeout, group)  # torch < 2.11
 
 
 def local_device() -> torch.device:

@@ -88,8 +88,8 @@ def plan(cfg: TrainConfig, gpus: int, gpu: str = "h100", mfu: float = 0.4, link_
     seconds = cfg.tokens() * flops / (gpus * g.peak_bf16 * mfu)
     step_seconds = cfg.optim.global_batch_size * cfg.data.seq_length * flops / (gpus * g.peak_bf16 * mfu)
     traffic = max((dp_traffic(cfg, student, lay, s) for s in range(p.pp)), key=lambda t: t["wire"])
-    traffic["seconds"] = traffic["wire"] / (link_gbps * 1e9 / 8)
-    traffic["overlapped_seconds"] = traffic["overlapped"] / (link_gbps * 1e9 / 8)
+    link_bytes_per_s = link_gbps * 1e9 / 8
+    traffic["seconds"], traffic["overlapped_seconds"] = traffic["wire"] / link_bytes_per_s, traffic["overlapped"] / link_bytes_per_s
     total = sum(stages[worst].values())
     return {"gpus": gpus, "gpu": g, "layout": lay, "stages": stages, "worst_stage": worst, "total": total,
             "fits": total <= memory.USABLE * g.memory_gb * 1e9, "flops_per_token": flops, "tokens": cfg.tokens(),

@@ -214,7 +214,7 @@ class Trainer:
         if stored and ps.get_tensor_model_parallel_rank() == 0:
             return LossParts.mean(stored)
         zero = torch.zeros((), dtype=torch.float64, device=self.device)
-        return LossParts(zero, zero, zero if self.cfg.kd.enabled else None, [zero] * self.exit_loops)
+        return LossParts(zero, zero)  # packed() fills the KD and loop parts with zeros
 
     def gradients(self) -> list[torch.Tensor]:
         """This step's gradients where the optimizer will read them: ZeRO-2 in DeepSpeed's reduced
@@ -235,8 +235,6 @@ class Trainer:
             partitions = getattr(self.optimizer, held, None) or {}
             for key in partitions:
                 partitions[key] = None
-        for prm in self.student.parameters():
-            prm.grad = None
 
     def _nonfinite(self) -> torch.Tensor:
         """1.0 where any of this rank's gradients is not finite, on the device: no host sync."""
