@@ -38,10 +38,6 @@ def quiet_third_party() -> None:
     """Call before the libraries are imported (their notices come at import time); idempotent."""
     if verbose():
         return
-    import torch
-
-    if not torch.cuda.is_available():  # DeepSpeed picks the CPU either way; named, it says nothing
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     _drop("megatron.core.datasets.blended_dataset", "for a single MegatronDataset")
     # megatron's own default for a synchronous save, not the user's choice

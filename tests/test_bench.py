@@ -74,7 +74,7 @@ def test_gpu_serve_check_runs_on_random_weights(tmp_path, capsys):
     (["--gen-mean", "-5"], "--gen-mean must be >= 1"),
     (["--prompt-std", "-1"], "--prompt-std and --gen-std >= 0"),
     (["--loops", "0"], "--loops must be >= 1"),
-    (["--model", "/nonexistent/model"], "not a checkpoint folder"),
+    (["--model", "/nonexistent/model"], "/nonexistent/model: no such folder; pass an HF folder"),
 ] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "--device cuda")]))
 def test_bench_serve_cli_errors(capsys, argv, message):
     from relaxrec_megatron.cli.main import main

@@ -1,7 +1,6 @@
 """CLI behaviour, bad input included: one-line error, non-zero exit, no partial output."""
 
 import json
-import re
 import shutil
 import subprocess
 import sys
@@ -129,16 +128,6 @@ def test_threads_and_svd_method(tiny_dirs, tmp_path, capsys):
         torch.set_num_threads(before)
 
 
-def test_not_a_checkpoint(tmp_path, capsys):
-    msg = run_error(capsys, ["convert", str(tmp_path / "nowhere" / "x"), str(tmp_path / "o")], tmp_path / "o")
-    assert "not a checkpoint folder" in msg
-
-
-def test_export_rejects_a_vanilla_checkpoint(tiny_dirs, tmp_path, capsys):
-    msg = run_error(capsys, ["export", "hf-unrolled", str(tiny_dirs["llama"]), str(tmp_path / "o")], tmp_path / "o")
-    assert "not a relaxed recursive checkpoint" in msg
-
-
 @pytest.mark.slow
 def test_console_script_error_is_one_line(tiny_dirs, tmp_path):
     exe = Path(sys.executable).parent / "relaxrec"
@@ -161,53 +150,3 @@ def test_convert_rank_full_is_the_source_exactly_on_every_architecture(tiny_dirs
         ref = AutoModelForCausalLM.from_pretrained(tiny_dirs[arch], dtype=torch.float32)(ids).logits
         got = AutoModelForCausalLM.from_pretrained(tmp_path / "rel", dtype=torch.float32)(ids).logits
     assert (ref - got).abs().max().item() <= 1e-4
-
-
-# -- each way in takes its kinds of checkpoint -------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def kinds(tiny_dirs, tmp_path_factory) -> dict[str, Path]:
-    """The three kinds of checkpoint a user hands over: the original HF model, its relaxed HF
-    checkpoint, and that as a Megatron dist checkpoint."""
-    root = tmp_path_factory.mktemp("kinds")
-    assert main(["convert", str(tiny_dirs["llama"]), str(root / "relaxed"), "--rank", "2", "--quiet"]) == 0
-    assert main(["convert", str(root / "relaxed"), str(root / "megatron"), "--to", "megatron", "--quiet"]) == 0
-    return {"hf": tiny_dirs["llama"], "relaxed": root / "relaxed", "megatron": root / "megatron"}
-
-
-REFUSED = {  # (way in, kind) -> its one line; the other pairs are taken
-    ("convert", "relaxed"): "is already a relaxed recursive checkpoint (of ",
-    ("convert", "megatron"): "is a Megatron checkpoint, already relaxed; `relaxrec export hf-relaxed",
-    ("model.source", "relaxed"): "is already a relaxed recursive checkpoint (of ",
-    ("model.source", "megatron"): "is a Megatron checkpoint, already relaxed; `relaxrec export hf-relaxed",
-    ("model.relaxed", "hf"): "is not relaxed recursive; set it as model.source",
-    ("model.relaxed", "megatron"): "is a Megatron checkpoint; `relaxrec export hf-relaxed",
-}
-
-
-@pytest.mark.parametrize("kind", ["hf", "relaxed", "megatron"])
-@pytest.mark.parametrize("way", ["convert", "model.source", "model.relaxed"])
-def test_each_way_in_takes_its_kind_of_checkpoint_and_names_the_way_for_the_others(kinds, way, kind, tmp_path,
-                                                                                    capsys):
-    from relaxrec_megatron.errors import UserError
-    from relaxrec_megatron.training.config import load_config
-    from relaxrec_megatron.training.preflight import preflight
-
-    path, refused = kinds[kind], REFUSED.get((way, kind))
-    if way == "convert":
-        argv = ["convert", str(path), str(tmp_path / "out"), "--rank", "2", "--quiet"]
-        if refused:
-            assert refused in run_error(capsys, argv, tmp_path / "out")
-        else:
-            assert main(argv) == 0
-        return
-    source = path if way == "model.source" else kinds["hf"]
-    overrides = [f"model.source={source}", "model.dtype=fp32", f"run.output_dir={tmp_path / 'run'}"]
-    if way == "model.relaxed":
-        overrides.append(f"model.relaxed={path}")
-    cfg = load_config("tiny-cpu", overrides)
-    if refused:
-        with pytest.raises(UserError, match="^" + re.escape(f"{way}={path} {refused}")):
-            preflight(cfg, 2)
-    else:
-        preflight(cfg, 2)

@@ -59,3 +59,24 @@ assert before == after and not _get_current_function_mode_stack()
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_commands_leave_the_environment_as_they_found_it(monkeypatch, tmp_path):
+    """runtime: the libraries' settings and a single-process run's rendezvous are set for the command
+    and taken back after it."""
+    import os
+
+    from relaxrec_megatron.cli import train as train_cli
+    from relaxrec_megatron.cli.main import build_parser, main
+
+    for var in ("DS_ACCELERATOR", "WANDB_SILENT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    before, seen = dict(os.environ), {}
+    monkeypatch.setattr("relaxrec_megatron.training.run.train", lambda cfg, hooks=None: seen.update(os.environ))
+    assert train_cli.run(build_parser().parse_args(["train", "--config", "tiny-cpu", f"run.output_dir={tmp_path}"])) == 0
+    assert seen["RANK"] == "0" and seen["WORLD_SIZE"] == "1" and int(seen["MASTER_PORT"]) > 0
+    assert dict(os.environ) == before
+    monkeypatch.setattr(train_cli, "run", lambda args: seen.update(command=dict(os.environ)))
+    assert main(["train", "--config", "tiny-cpu", "--print-config"]) == 0
+    assert seen["command"]["DS_ACCELERATOR"] == "cpu" and seen["command"]["WANDB_SILENT"] == "true"
+    assert dict(os.environ) == before

@@ -24,8 +24,8 @@ from relaxrec_megatron.evaluation.local_tasks import (
 from relaxrec_megatron.evaluation.ppl import token_nlls, windows
 from relaxrec_megatron.hf.convert import RecursionSpec, convert_to_relaxed
 from relaxrec_megatron.hf.smollm import smollm_checkpoint
-from relaxrec_megatron.model.checkpoint import write_manifest
 from relaxrec_megatron.model.convert_megatron import relaxed_to_megatron
+from relaxrec_megatron.model.steps import write_manifest
 
 
 @pytest.fixture(scope="module")
@@ -375,7 +375,7 @@ def test_eval_exits_calibrates_and_serving_reads_it(models, tmp_path, capsys):
     assert "no exit_calibration.json; run `relaxrec eval exits" in run_error(
         capsys, ["generate", str(models / "full"), "Hi", "--exit", "maxprob", "--threshold", "auto"])
     assert "needs an exit rule" in run_error(capsys, ["generate", str(model), "Hi", "--threshold", "auto"])
-    assert "not a relaxed recursive checkpoint" in run_error(
+    assert "is an original HF model; early exits need a relaxed recursive checkpoint" in run_error(
         capsys, ["eval", "exits", str(models / "src"), "--data", str(data)])
 
 

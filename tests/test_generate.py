@@ -37,7 +37,7 @@ def test_generate_cli_prompts_from_a_file(chat_model, tmp_path, capsys):
     (["generate", "{folder}"], "no prompts"),
     (["generate", "{folder}", "--file", "/nonexistent/p.txt"], "no such file"),
     (["generate", "{src}", "hi"], "the engine serves relaxed recursive checkpoints"),
-    (["generate", "{parent}", "hi"], "not a checkpoint; pass an HF folder (config.json), a Megatron checkpoint"),
+    (["generate", "{parent}", "hi"], "not a checkpoint; pass an HF folder (config.json), a hub id"),
     (["generate", "{folder}", "hi", "--max-new-tokens", "0"], "must be >= 1"),
     (["generate", "{folder}", "hi", "--max-batch", "0"], "must be >= 1"),
     (["generate", "{folder}", "hi", "--exit", "maxprob", "--threshold", "1.5"], "lies in [0, 1]"),

@@ -14,7 +14,7 @@ from procs import blocks, children, cmdline, processes_of
 from tiny import save_run_config, save_token_corpus
 
 from relaxrec_megatron.errors import EXIT_REQUEUE
-from relaxrec_megatron.model.checkpoint import latest_checkpoint
+from relaxrec_megatron.model.steps import latest_checkpoint
 from relaxrec_megatron.parallel.distributed import free_port
 
 ROOT = Path(__file__).parents[1]

@@ -14,7 +14,7 @@ import pytest
 from procs import blocks, processes_of
 from tiny import save_run_config, save_token_corpus
 
-from relaxrec_megatron.model.checkpoint import MANIFEST_FILE, incomplete, latest_checkpoint, step_folders
+from relaxrec_megatron.model.steps import MANIFEST_FILE, incomplete, latest_checkpoint, step_folders
 
 pytestmark = pytest.mark.slow
 

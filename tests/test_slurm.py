@@ -16,7 +16,7 @@ from procs import cmdline, processes_of
 from slurm_cluster import Cluster, missing
 from tiny import save_run_config, save_token_corpus
 
-from relaxrec_megatron.model.checkpoint import MANIFEST_FILE, latest_checkpoint
+from relaxrec_megatron.model.steps import MANIFEST_FILE, latest_checkpoint
 
 ROOT = Path(__file__).parents[1]
 STEPS = 40

@@ -11,7 +11,7 @@ import torch
 from megatron_jobs import train_job
 from tiny import save_run_config, save_token_corpus
 
-from relaxrec_megatron.model.checkpoint import latest_checkpoint
+from relaxrec_megatron.model.steps import latest_checkpoint
 from relaxrec_megatron.parallel.local_world import run_world
 
 
@@ -143,6 +143,7 @@ def test_training_checkpoint_exports_to_hf_with_the_same_logits(setup, tmp_path,
     from safetensors.torch import load_file
 
     from relaxrec_megatron.cli.main import main
+    from relaxrec_megatron.model.reference import ACCEPTED
 
     weights = lambda folder: {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
     expected = weights(tmp_path / "hf")
@@ -156,10 +157,13 @@ def test_training_checkpoint_exports_to_hf_with_the_same_logits(setup, tmp_path,
     capsys.readouterr()
     assert main(["export", "hf-unrolled", str(run_dir / "init"), str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"relaxrec export: error: {run_dir / 'init'}: not a checkpoint; pass an HF folder (config.json), a "
-                   "Megatron checkpoint (relaxrec_config.json), a training step folder (step_N/), a run's "
-                   "checkpoints/ folder or the run folder"]
+    assert err == [f"relaxrec export: error: {run_dir / 'init'}: not a checkpoint; pass {ACCEPTED}"]
     assert not (tmp_path / "bad").exists()
+    # a new run trains on from this one: model.relaxed takes the run, exported once into RUN/init/student
+    records = run(setup, "from-run", 1, [f"model.relaxed={run_dir / 'checkpoints'}", "optim.train_steps=2"])
+    got = weights(setup / "run-from-run" / "init" / "student")
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+    assert [r["step"] for r in records if "loss" in r][-1] == 2
 
 
 @pytest.mark.slow

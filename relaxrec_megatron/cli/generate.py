@@ -7,13 +7,13 @@ import tempfile
 from pathlib import Path
 
 from ..errors import UserError
-from ..model.folder import MEGATRON_NAMES
+from ..model.reference import RELAXED_NAMES
 from .options import exit_threshold, served_model
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate text with the serving engine", description=__doc__)
-    p.add_argument("model", help=f"a relaxed recursive HF checkpoint folder or {MEGATRON_NAMES}")
+    p.add_argument("model", help=RELAXED_NAMES)
     p.add_argument("prompts", nargs="*", help="prompts (or --file)")
     p.add_argument("--file", default=None, help="one prompt per line")
     p.add_argument("--tokenizer", default=None, help="default: the one beside the checkpoint (or its run's source)")

@@ -8,6 +8,7 @@ import sys
 
 from ..console import quiet_third_party
 from ..errors import RankError, UserError
+from ..runtime import environment, library_settings
 from . import bench, compare, convert, data, demo, evaluate, export, generate, params, plan, train
 
 # in pipeline order, as `relaxrec --help` lists them: size it, convert, prepare data, uptrain, export,
@@ -30,9 +31,10 @@ def main(argv: list[str] | None = None) -> int:
         from ..training.stops import StopSignals
 
         StopSignals.for_this_process()
-    quiet_third_party()
     try:
-        return int(args.run(args) or 0)
+        with environment(library_settings()):
+            quiet_third_party()
+            return int(args.run(args) or 0)
     except UserError as e:  # every rank of a run raises a UserError, and rank 0 says it; a RankError its rank
         if os.environ.get("RANK", "0") == "0" or isinstance(e, RankError):
             print(f"relaxrec {args.command}: error: {e}", file=sys.stderr)

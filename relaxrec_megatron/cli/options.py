@@ -74,15 +74,11 @@ def recursion_spec(args: argparse.Namespace, rank: int) -> RecursionSpec:
 
 
 def served_model(name: str, workdir: Path, tokenizer: str | None = None):
-    """The serving engine's input (evaluation.models.resolve: an HF folder, or a Megatron checkpoint
-    exported under `workdir`), refused in one line when it is a vanilla model."""
+    """The serving engine's input (evaluation.models.resolve: a relaxed HF folder, or a Megatron
+    checkpoint exported under `workdir`); an original model is refused in one line."""
     from ..evaluation.models import resolve
 
-    model = resolve(name, workdir, tokenizer)
-    if model.kind == "vanilla":
-        raise UserError(f"{name}: a vanilla checkpoint; the engine serves relaxed recursive checkpoints "
-                        "(make one with `relaxrec convert`)")
-    return model
+    return resolve(name, workdir, tokenizer, use="serve")
 
 
 def resolve_device(device: str | None) -> str:

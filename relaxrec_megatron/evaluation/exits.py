@@ -184,9 +184,9 @@ def store_calibration(name: str, report: dict) -> None:
         return
     from ..files import write_json
     from ..hf.checkpoint import EXIT_CALIBRATION_FILE
-    from ..model.folder import megatron_checkpoint
+    from ..model.reference import open_ref
 
-    folder = megatron_checkpoint(path) or path
+    folder = open_ref(name).path
     keep = {k: report[k] for k in ("data", "tokens", "context", "stride", "agreement_target", "per_loop_perplexity",
                                    "maxprob", "margin")}
     write_json(str(folder / EXIT_CALIBRATION_FILE), keep)

@@ -1,11 +1,8 @@
 """What `relaxrec eval` scores: any checkpoint a run produces, opened as an HF causal LM.
 
-A model reference is one of
-- an HF folder: a relaxed recursive checkpoint (loaded in process, no trust_remote_code), an
-  unrolled export or any vanilla model; or a hub id / `builtin:smollm2-135m`;
-- a Megatron dist checkpoint, a training checkpoint `step_N/`, a run's checkpoints/ folder or the
-  run folder (model.folder.megatron_checkpoint): exported to a relaxed HF checkpoint in a temporary
-  folder.
+A model reference is anything model.reference.open_ref takes: an original or relaxed HF folder, a
+hub id, `builtin:smollm2-135m`, or a Megatron checkpoint (dist checkpoint, `step_N/`, a run's
+checkpoints/ or the run folder), which is exported to a relaxed HF checkpoint in a temporary folder.
 """
 
 from __future__ import annotations
@@ -18,10 +15,10 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..hf.checkpoint import HF_SIDE_FILES, resolve_model_dir
-from ..model.folder import local_checkpoint
+from ..model.reference import Kind, open_as
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+LABELS = {Kind.ORIGINAL: "vanilla", Kind.RELAXED: "relaxed", Kind.MEGATRON: "megatron"}
 
 
 @dataclass
@@ -29,24 +26,12 @@ class EvalModel:
     name: str  # as the user wrote it
     folder: Path  # an HF checkpoint folder
     tokenizer: object  # loaded when the reference is resolved, so a missing one fails before any scoring
-    kind: str  # relaxed | vanilla | megatron
+    kind: str  # relaxed | vanilla | megatron, as reports name it
 
 
 def export_dir():
     """Where Megatron checkpoints are exported for scoring; removed when the block ends."""
     return tempfile.TemporaryDirectory(prefix="relaxrec-eval-")
-
-
-def _has_tokenizer(folder: Path) -> bool:
-    return any((folder / f).is_file() for f in HF_SIDE_FILES if f.startswith(("tokenizer", "vocab")))
-
-
-def _tokenizer_for_megatron(ckpt: Path, config: dict) -> str | None:
-    """The checkpoint's own tokenizer files, its run's student init, or the source model it names."""
-    for folder in (ckpt, ckpt.parent, ckpt.parent.parent.parent / "init" / "student"):
-        if _has_tokenizer(folder):
-            return str(folder)
-    return config.get("source_model")
 
 
 def _tokenizer(name: str, ref: str):
@@ -60,29 +45,15 @@ def _tokenizer(name: str, ref: str):
         raise UserError(f"{name}: cannot load a tokenizer from {ref} ({type(e).__name__}); pass --tokenizer") from None
 
 
-def resolve(name: str, workdir: Path, tokenizer: str | None = None) -> EvalModel:
-    """An HF folder and the tokenizer for `name`; Megatron checkpoints are exported under `workdir`."""
-    from ..hf.smollm import resolve_builtin
-
-    source = resolve_builtin(name)
-    path = Path(source).expanduser()
-    if path.is_dir():
-        ckpt = local_checkpoint(path, name)
-        if ckpt is not None:
-            from ..model.checkpoint import read_config
-            from ..model.convert_megatron import megatron_to_relaxed
-
-            config = read_config(ckpt)
-            out = Path(tempfile.mkdtemp(prefix="export-", dir=workdir)) / "relaxed"
-            megatron_to_relaxed(ckpt, out)
-            tok = tokenizer or _tokenizer_for_megatron(ckpt, config)
-            if tok is None:
-                raise UserError(f"{name}: no tokenizer beside the checkpoint or in its run; pass --tokenizer")
-            return _checked(EvalModel(name, out, _tokenizer(name, tok), "megatron"), tok)
-    folder = resolve_model_dir(source)
-    model_type = json.loads((folder / "config.json").read_text()).get("model_type")
-    kind = "relaxed" if model_type == "relaxed_recursive" else "vanilla"
-    return _checked(EvalModel(name, folder, _tokenizer(name, tokenizer or str(folder)), kind), tokenizer or str(folder))
+def resolve(name: str, workdir: Path, tokenizer: str | None = None, use: str = "eval") -> EvalModel:
+    """An HF folder and the tokenizer for `name`, if `use` takes its kind; Megatron checkpoints are
+    exported under `workdir`."""
+    ref = open_as(name, use)
+    tok = tokenizer or ref.tokenizer()
+    if tok is None:
+        raise UserError(f"{name}: no tokenizer beside the checkpoint or in its run; pass --tokenizer")
+    tokenizer_obj = _tokenizer(name, tok)  # before an export: a missing tokenizer fails in seconds
+    return _checked(EvalModel(name, ref.hf_folder(workdir), tokenizer_obj, LABELS[ref.kind]), tok)
 
 
 def _checked(model: EvalModel, tokenizer_ref: str) -> EvalModel:

@@ -40,10 +40,6 @@ FORWARDED = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2"
 
 
 def main(argv: list[str] | None = None) -> int:
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import main as torchrun
-
     from ..console import verbose
 
     if not verbose():  # the agent's notices of each signal it forwards and each worker it stops
@@ -62,25 +58,36 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"relaxrec train: error: {e}", file=sys.stderr, flush=True)
         return 2
+    from ..runtime import environment
+
     with tempfile.TemporaryDirectory(prefix="relaxrec-launch-") as tmp:
         stop_file = Path(tmp) / "stop"
-        os.environ[STOP_FILE_ENV] = str(stop_file)
-        os.environ[AGENT_PID_ENV] = str(os.getpid())
-        try:
-            take_stop_signals()
-            torchrun(argv)
-            return 0
-        except (SignalException, ChildFailedError) as e:
-            if stop_file.is_file():
-                print(f"[launch] {stop_file.read_text().strip()}", file=sys.stderr, flush=True)
-                return EXIT_REQUEUE
-            if isinstance(e, SignalException):  # stopped before a checkpoint of this attempt: the last one stands
-                print(f"[launch] stopped by {e.sigval.name} before this attempt saved a checkpoint; relaunch with "
-                      "checkpoint.resume=auto to continue from the last complete one", file=sys.stderr, flush=True)
-                return EXIT_REQUEUE
-            if {f.exitcode for f in e.failures.values()} == {2}:  # a UserError: rank 0 printed its one line
-                return 2
-            raise
+        workers_read = {STOP_FILE_ENV: str(stop_file), AGENT_PID_ENV: str(os.getpid())}
+        with environment(workers_read, replace=True):
+            return _launch(argv, stop_file)
+
+
+def _launch(argv: list[str], stop_file: Path) -> int:
+    """torchrun itself; a stop or a worker's one-line error becomes the launcher's exit code."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    try:
+        take_stop_signals()
+        torchrun(argv)
+        return 0
+    except (SignalException, ChildFailedError) as e:
+        if stop_file.is_file():
+            print(f"[launch] {stop_file.read_text().strip()}", file=sys.stderr, flush=True)
+            return EXIT_REQUEUE
+        if isinstance(e, SignalException):  # stopped before a checkpoint of this attempt: the last one stands
+            print(f"[launch] stopped by {e.sigval.name} before this attempt saved a checkpoint; relaunch with "
+                  "checkpoint.resume=auto to continue from the last complete one", file=sys.stderr, flush=True)
+            return EXIT_REQUEUE
+        if {f.exitcode for f in e.failures.values()} == {2}:  # a UserError: rank 0 printed its one line
+            return 2
+        raise
 
 
 def take_stop_signals() -> None:

@@ -3,7 +3,7 @@
 checkpoints/step_{N}/ holds the model (a Megatron dist checkpoint with the tokenizer beside it, which
 `relaxrec export` and `relaxrec eval` read as it is), DeepSpeed's optimizer shards (without a second
 copy of the weights), each rank's random state, trainer_state.json and, written last, manifest.json:
-every file with its size (model.checkpoint.incomplete checks it). A crash, a full disk or a kill in
+every file with its size (model.steps.incomplete checks it). A crash, a full disk or a kill in
 the middle of a save leaves a folder without a manifest, which resume skips and the next save
 removes; `latest` is only a hint for people. Resume takes the newest complete checkpoint and says
 which newer ones it skipped and why.
@@ -23,8 +23,8 @@ import torch.distributed as dist
 
 from ..errors import RankError, UserError
 from ..files import write_text
-from ..model.checkpoint import STATE_FILE, incomplete, latest_checkpoint, step_folders, write_manifest
-from ..model.folder import LATEST_FILE
+from ..model.checkpoint import STATE_FILE
+from ..model.steps import LATEST_FILE, incomplete, latest_checkpoint, step_folders, write_manifest
 
 
 class CheckpointManager:

@@ -30,7 +30,6 @@ class Logger:
         mode = cfg.logging.wandb_mode
         if mode == "auto":
             mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
-        os.environ.setdefault("WANDB_SILENT", "true")
         try:
             import wandb
 

@@ -7,7 +7,7 @@ import dataclasses
 
 from ..errors import UserError
 from ..hf.convert import layer_shapes, relaxed_config
-from ..model.folder import refuse_unless_original
+from ..model.reference import open_as
 from ..recursion import RecursionSpec, SharingPlan
 from . import memory
 from .config import TrainConfig
@@ -17,13 +17,10 @@ from .flops import matmul_flops_per_token, train_flops_per_token
 def models(cfg: TrainConfig) -> tuple[memory.Model, memory.Model | None, dict, dict | None]:
     """(student, teacher or None) sizes and their relaxed HF configs, from the source's config.json and
     model.recursion (for a run from model.relaxed: the recursion that checkpoint was made with)."""
-    from ..shipped import hf_config
-
     if not cfg.model.source:
         raise UserError("relaxrec plan sizes a run from model.source; for a run that starts from model.relaxed, "
                         "pass its source as model.source=... too")
-    refuse_unless_original(cfg.model.source, f"model.source={cfg.model.source}")
-    src = hf_config(cfg.model.source)
+    src = open_as(cfg.model.source, "model.source", f"model.source={cfg.model.source}").config()
     adapter, shapes = layer_shapes(src)
     spec = cfg.model.recursion
     plan = SharingPlan(adapter.num_layers, spec.loops, spec.strategy)

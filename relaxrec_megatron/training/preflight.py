@@ -35,22 +35,17 @@ def check_runtime(cfg: TrainConfig) -> None:
 def student(cfg: TrainConfig) -> tuple[dict, object]:
     """The relaxed HF config the run trains and its sizes (training.memory.Model), from model.relaxed's
     config.json or from the source's config.json and model.recursion: no weights read."""
-    import json
-
     if not cfg.model.relaxed:
         from .planning import models
 
         sizes, _, student_hf, _ = models(cfg)
         return student_hf, sizes
-    from ..model.folder import refuse_unless_relaxed
-
-    refuse_unless_relaxed(cfg.model.relaxed, f"model.relaxed={cfg.model.relaxed}")
-    path = Path(cfg.model.relaxed) / "config.json"
     from ..hf.convert import layer_shapes
+    from ..model.reference import open_as
     from ..recursion import SharingPlan
     from .memory import Model
 
-    h = json.loads(path.read_text())
+    h = open_as(cfg.model.relaxed, "model.relaxed", f"model.relaxed={cfg.model.relaxed}").config()
     ranks = {m: r for m, r in (h.get("lora_ranks") or {}).items() if r > 0}
     plan = SharingPlan(h["num_hidden_layers"], h["num_loops"], h["recursion_strategy"])
     return h, Model(layer_shapes(h["source_config"])[1], plan, ranks, h["share_norms"], h["share_biases"])

@@ -31,16 +31,29 @@ class Preempted(Exception):
 def prepare_checkpoints(cfg: TrainConfig, run_dir: Path) -> tuple[Path, Path | None]:
     """Relaxed student init and (for KD) the teacher as a 1-loop model: the source itself, exactly."""
     from ..hf.convert import convert_to_relaxed
+    from ..model.reference import Kind, open_as
     from ..recursion import RecursionSpec
     from .rundir import check_recipe, recipe, record_recipe
 
-    student = Path(cfg.model.relaxed) if cfg.model.relaxed else run_dir / "init" / "student"
+    relaxed = open_as(cfg.model.relaxed, "model.relaxed", f"model.relaxed={cfg.model.relaxed}") \
+        if cfg.model.relaxed else None
+    from_megatron = relaxed is not None and relaxed.kind is Kind.MEGATRON
+    student = run_dir / "init" / "student" if relaxed is None or from_megatron else None
     teacher = run_dir / "init" / "teacher" if cfg.kd.enabled else None
     dtype = cfg.model.dtype
 
     def convert() -> None:
         source = cfg.model.source or None  # a folder, a hub id or builtin:smollm2-135m (hf.checkpoint)
-        if not cfg.model.relaxed:
+        if relaxed is not None and relaxed.kind is Kind.RELAXED:
+            relaxed.hf_folder()  # a hub id: fetched once, here
+        elif from_megatron:  # exported once; a relaunch trains on from the same export
+            made_from = {"relaxed": cfg.model.relaxed}
+            if (student / "config.json").is_file():
+                check_recipe(student, made_from)
+            else:
+                export_relaxed(cfg.model.relaxed, student)
+                record_recipe(student, made_from)
+        else:
             if (student / "config.json").is_file():
                 check_recipe(student, recipe(cfg, "student"))
             else:
@@ -57,7 +70,20 @@ def prepare_checkpoints(cfg: TrainConfig, run_dir: Path) -> tuple[Path, Path | N
                 record_recipe(teacher, recipe(cfg, "teacher"))
 
     on_rank0(convert, cfg.model.convert_timeout_min * 60)
-    return student, teacher
+    return student or relaxed.hf_folder(), teacher
+
+
+def export_relaxed(name: str, out: Path) -> None:
+    """`relaxrec export hf-relaxed NAME OUT` in a process of its own: reading a dist checkpoint needs a
+    process group of one, and this one belongs to the run."""
+    cmd = [sys.executable, "-m", "relaxrec_megatron.cli.main", "export", "hf-relaxed", name, str(out), "--quiet",
+           "--overwrite"]
+    print(f"[train] exporting model.relaxed={name} to {out}", flush=True)
+    done = subprocess.run(cmd, env={k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS},
+                          stderr=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
+        raise UserError(f"model.relaxed={name}: its export failed: {last}")
 
 
 def on_rank0(work, timeout_s: float | None = None) -> None:
@@ -82,19 +108,20 @@ def on_rank0(work, timeout_s: float | None = None) -> None:
 def check_data(cfg: TrainConfig) -> None:
     """data.blend's datasets exist, checked by rank 0 before the conversion, and every rank raises a
     one-line error if not; rank 0 warns when the run repeats them."""
+    on_rank0(lambda: data_check(cfg), cfg.data.build_timeout_min * 60)
+
+
+def data_check(cfg: TrainConfig) -> None:
     from ..data.indexed import blend_use, repeat_warning
 
-    def check() -> None:
-        try:
-            uses = blend_use([float(w) for w in cfg.data.blend[0::2]], [str(p) for p in cfg.data.blend[1::2]],
-                             cfg.data.split, cfg.tokens())
-        except UserError as e:
-            raise UserError(f"data.blend: {e}") from None
-        warning = repeat_warning(uses)
-        if warning:
-            print(f"[train] warning: {warning}", flush=True)
-
-    on_rank0(check, cfg.data.build_timeout_min * 60)
+    try:
+        uses = blend_use([float(w) for w in cfg.data.blend[0::2]], [str(p) for p in cfg.data.blend[1::2]],
+                         cfg.data.split, cfg.tokens())
+    except UserError as e:
+        raise UserError(f"data.blend: {e}") from None
+    warning = repeat_warning(uses)
+    if warning:
+        print(f"[train] warning: {warning}", flush=True)
 
 
 def build_data(cfg: TrainConfig, student_dir: Path):
@@ -112,7 +139,14 @@ def build_data(cfg: TrainConfig, student_dir: Path):
 def train(cfg: TrainConfig, hooks=None) -> list[dict]:
     """Runs (or resumes) the configured uptraining; a stop signal ends it with Preempted after a
     checkpoint. hooks: trainer.Hooks."""
-    quiet_third_party()  # before megatron is imported; also in processes spawned without the CLI (demo's)
+    from ..runtime import environment, library_settings
+
+    with environment(library_settings()):  # also in processes started without the CLI (the demo's ranks)
+        quiet_third_party()  # before megatron is imported
+        return _locked_train(cfg, hooks)
+
+
+def _locked_train(cfg: TrainConfig, hooks) -> list[dict]:
     from ..parallel.distributed import init_distributed
     from ..parallel.process import children_die_with_this_process, die_with_parent
     from ..parallel.torchrun import AGENT_PID_ENV
@@ -137,7 +171,7 @@ def train(cfg: TrainConfig, hooks=None) -> list[dict]:
 
 
 def _train(cfg: TrainConfig, run_dir: Path, signals, hooks) -> list[dict]:
-    from ..model.checkpoint import incomplete
+    from ..model.steps import incomplete
     from ..parallel.distributed import collective_timeout
     from .checkpoints import CheckpointManager
     from .logger import Logger
@@ -199,16 +233,19 @@ def check_eval_tasks(cfg: TrainConfig) -> None:
     if not cfg.eval.tasks:
         return
 
-    def check() -> None:
-        from ..evaluation import harness
+    on_rank0(lambda: eval_tasks_check(cfg), CHECK_TASKS_TIMEOUT_S)
 
-        harness.quiet()
-        try:
-            harness.check_tasks(cfg.eval.tasks, harness.task_manager(cfg.eval.include_path, cfg.eval.tasks))
-        except UserError as e:
-            raise UserError(f"eval.tasks: {e}") from None
 
-    on_rank0(check, CHECK_TASKS_TIMEOUT_S)
+def eval_tasks_check(cfg: TrainConfig) -> None:
+    if not cfg.eval.tasks:
+        return
+    from ..evaluation import harness
+
+    harness.quiet()
+    try:
+        harness.check_tasks(cfg.eval.tasks, harness.task_manager(cfg.eval.include_path, cfg.eval.tasks))
+    except UserError as e:
+        raise UserError(f"eval.tasks: {e}") from None
 
 
 CHECK_TASKS_TIMEOUT_S = 1800  # rank 0 indexes the harness's tasks (and may download their datasets)
