@@ -6,9 +6,11 @@ detection, one-dataset blends, weight-loading bars) stays behind RELAXREC_VERBOS
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import warnings
+from contextlib import contextmanager
 
 VERBOSE_ENV = "RELAXREC_VERBOSE"
 
@@ -55,3 +57,32 @@ def quiet_third_party() -> None:
         transformers.utils.logging.disable_progress_bar()
     except ImportError:
         pass
+
+
+@contextmanager
+def own_bars_hidden(*modules: str):
+    """Hides, for a block, the bars that these modules draw with their own `tqdm` (transformers'
+    progress-bar switch does not reach them), unless verbose."""
+    if verbose():
+        yield
+        return
+    hidden = {}
+    for name in modules:
+        mod = importlib.import_module(name)
+        if isinstance(getattr(mod, "tqdm", None), type):
+            hidden[mod] = mod.tqdm
+            mod.tqdm = _hidden_bar(mod.tqdm)
+    try:
+        yield
+    finally:
+        for mod, bar in hidden.items():
+            mod.tqdm = bar
+
+
+def _hidden_bar(bar: type) -> type:
+    class Hidden(bar):
+        def __init__(self, *args, **kwargs):
+            kwargs["disable"] = True  # over the caller's own disable=False
+            super().__init__(*args, **kwargs)
+
+    return Hidden

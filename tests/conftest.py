@@ -121,6 +121,8 @@ def pytest_configure(config):
     os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", str(system))  # pytest's own folders (tmp_path) stay there
     config.relaxrec_tmp = (system, set(os.listdir(system)), Path(tempfile.mkdtemp(prefix="relaxrec-tests-")))
     os.environ["TMPDIR"] = tempfile.tempdir = str(config.relaxrec_tmp[2])
+    # the built-in model's HF folder is made once per session there, not in the user's cache
+    os.environ["RELAXREC_CACHE"] = str(config.relaxrec_tmp[2] / "cache")
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -396,7 +396,10 @@ def test_lm_evals_own_cli_runs_the_shipped_tasks_from_any_folder(models, tmp_pat
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # no repository above the folder either
     ours = eval_json(["eval", "tasks", model, "--tasks", "local", "--limit", "8", "--batch-size", "4"],
                      tmp_path / "ours.json")["models"][model]["results"]
-    assert "fatal:" not in capfd.readouterr().err
+    err = capfd.readouterr().err
+    assert "fatal:" not in err
+    bars = [piece for piece in re.split(r"[\r\n]", err) if "%|" in piece]
+    assert bars and all(piece.startswith("Running loglikelihood requests") for piece in bars), err[-2000:]
     lm_eval = Path(sys.executable).parent / "lm_eval"
     out = subprocess.run([str(lm_eval), "--model", "hf", "--model_args",
                           f"pretrained={model},trust_remote_code=True,dtype=float32", "--tasks",

@@ -4,6 +4,7 @@ and what to do with it, and nothing is written. Hub ids are read from an HF cach
 by the real hub code."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -152,3 +153,27 @@ def test_hub_ids_are_opened_by_the_hub_code_from_its_cache(refs, tmp_path):
             assert rc == 0, (cell, err)
         else:
             check_refusal(command, kind, repo, rc, err)
+
+
+@pytest.mark.slow
+def test_the_builtin_model_is_made_when_first_used_with_the_projects_lines_only(tmp_path, monkeypatch, capfd):
+    """A command that refuses builtin:smollm2-135m does so without making its HF folder; the first
+    command that uses it makes it once, with no third-party bar or notice on the console."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("RELAXREC_CACHE", str(cache))
+    assert main(["generate", "builtin:smollm2-135m", "Hello"]) == 2
+    assert not cache.exists()
+    capfd.readouterr()
+    assert main(["eval", "ppl", "builtin:smollm2-135m", "--data", str(tmp_path / "t.txt"), "--context", "16",
+                 "--max-tokens", "32", "--output", str(tmp_path / "ppl.json")]) == 2  # no such file
+    assert not cache.exists()
+    (tmp_path / "t.txt").write_text(TEXT)
+    capfd.readouterr()
+    assert main(["eval", "ppl", "builtin:smollm2-135m", "--data", str(tmp_path / "t.txt"), "--context", "16",
+                 "--max-tokens", "32", "--output", str(tmp_path / "ppl.json")]) == 0
+    console = capfd.readouterr()
+    assert (cache / "SmolLM2-135M-Instruct" / "model.safetensors").is_file()
+    bars = [piece for piece in re.split(r"[\r\n]", console.err) if piece.strip()]
+    assert bars and all(piece.startswith("ppl:") for piece in bars), console.err[-2000:]  # the project's bar only
+    assert all(line.startswith(("[eval]", "model", "builtin")) or not line.strip() for line in console.out.splitlines()), \
+        console.out

@@ -83,8 +83,11 @@ def evaluate(model, tokenizer, tasks: list[str], manager, num_fewshot: int | Non
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
+    from ..console import own_bars_hidden
+
     lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size)
-    with _quiet_git_probe():
+    # the bar of the requests (lm_eval.models.huggingface) stays: it is the evaluation's progress
+    with _quiet_git_probe(), own_bars_hidden("lm_eval.api.task", "lm_eval.api.model"):
         out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, num_fewshot=num_fewshot,
                                       limit=limit, log_samples=True, bootstrap_iters=0, random_seed=0,
                                       numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)

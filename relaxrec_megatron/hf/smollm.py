@@ -40,8 +40,11 @@ def smollm_checkpoint() -> Path:
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ..console import own_bars_hidden
+
     gguf = smollm_gguf()
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    with own_bars_hidden("transformers.modeling_gguf_pytorch_utils"):
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # transformers marks GGUF-loaded models as quantized and refuses save_pretrained: write them by hand
     config = model.config.to_dict()

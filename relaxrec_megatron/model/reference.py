@@ -91,7 +91,7 @@ class ModelRef:
     name: str  # as the user wrote it
     kind: Kind
     form: Form
-    path: Path | None  # the HF folder or the Megatron dist checkpoint; None for a hub id until fetched
+    path: Path | None  # the HF folder or the Megatron dist checkpoint; None for a hub id and the built-in
     source_model: str | None = None  # what a relaxed or Megatron checkpoint was converted from
 
     def check(self, use: str, what: str | None = None) -> ModelRef:
@@ -107,17 +107,17 @@ class ModelRef:
         """config.json (of a Megatron checkpoint: the relaxed HF config beside it)."""
         if self.kind is Kind.MEGATRON:
             return _read_json(self.path / CONFIG_FILE)
-        if self.path is None and self.form is Form.HUB:
+        if self.form is Form.HUB:
             from ..shipped import hf_config
 
             return hf_config(self.name)
-        return _read_json(self.path / "config.json")
+        return _read_json(self._local() / "config.json")
 
     def tokenizer(self) -> str | None:
         """Where the tokenizer comes from: the folder's own files; for a Megatron checkpoint the files
         saved beside it, in its step folder or its run's init/student, else the model it was made from."""
         if self.kind is not Kind.MEGATRON:
-            return self.name if self.path is None else str(self.path)
+            return self.name if self.form is Form.HUB else str(self._local())
         run = self.path.parent.parent.parent
         for folder in (self.path, self.path.parent, run / "init" / "student"):
             if any((folder / f).is_file() for f in TOKENIZER_FILES):
@@ -135,11 +135,20 @@ class ModelRef:
             from .convert_megatron import megatron_to_relaxed
 
             return megatron_to_relaxed(self.path, Path(tempfile.mkdtemp(prefix="export-", dir=workdir)) / "relaxed")
-        if self.path is not None:
-            return self.path
+        if self.form is not Form.HUB:
+            return self._local()
         from ..hf.checkpoint import resolve_model_dir
 
         return resolve_model_dir(self.name)
+
+    def _local(self) -> Path:
+        """The folder on disk; the built-in model is made when first needed, so that a command that
+        refuses it does not wait for that."""
+        if self.form is Form.BUILTIN:
+            from ..hf.smollm import smollm_checkpoint
+
+            return smollm_checkpoint()
+        return self.path
 
     def megatron(self) -> Path:
         """The Megatron dist checkpoint (Kind.MEGATRON only)."""
@@ -149,11 +158,11 @@ class ModelRef:
 
 def open_ref(name: str) -> ModelRef:
     """What `name` is; a name that is none of the kinds is refused in one line."""
-    from ..hf.smollm import BUILTIN, smollm_checkpoint
+    from ..hf.smollm import BUILTIN
 
     name = str(name)
     if name == BUILTIN:
-        return ModelRef(name, Kind.ORIGINAL, Form.BUILTIN, smollm_checkpoint())
+        return ModelRef(name, Kind.ORIGINAL, Form.BUILTIN, None)
     path = Path(name).expanduser()
     if path.is_dir():
         return _local(name, path)
