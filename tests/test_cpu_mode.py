@@ -69,7 +69,7 @@ def test_commands_leave_the_environment_as_they_found_it(monkeypatch, tmp_path):
     from relaxrec_megatron.cli import train as train_cli
     from relaxrec_megatron.cli.main import build_parser, main
 
-    for var in ("DS_ACCELERATOR", "WANDB_SILENT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+    for var in ("RELAXREC_VERBOSE", "DS_ACCELERATOR", "WANDB_SILENT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(var, raising=False)
     before, seen = dict(os.environ), {}
     monkeypatch.setattr("relaxrec_megatron.training.run.train", lambda cfg, hooks=None: seen.update(os.environ))
@@ -79,4 +79,11 @@ def test_commands_leave_the_environment_as_they_found_it(monkeypatch, tmp_path):
     monkeypatch.setattr(train_cli, "run", lambda args: seen.update(command=dict(os.environ)))
     assert main(["train", "--config", "tiny-cpu", "--print-config"]) == 0
     assert seen["command"]["DS_ACCELERATOR"] == "cpu" and seen["command"]["WANDB_SILENT"] == "true"
+    assert "RELAXREC_VERBOSE" not in seen["command"]
+    assert dict(os.environ) == before
+    from relaxrec_megatron.cli import evaluate
+
+    monkeypatch.setattr(evaluate, "run_tasks", lambda args: seen.update(command=dict(os.environ)))
+    assert main(["eval", "tasks", "some/model", "--verbose"]) == 0  # a command's --verbose: the libraries' own output
+    assert seen["command"]["RELAXREC_VERBOSE"] == "1" and "WANDB_SILENT" not in seen["command"]
     assert dict(os.environ) == before

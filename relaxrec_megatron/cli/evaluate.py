@@ -21,7 +21,7 @@ def _common(p) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default=None, help="default: cuda when present, else cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="auto: the checkpoint's")
-    p.add_argument("--verbose", action="store_true", help="show the harness's and datasets' own logs")
+    p.add_argument("--verbose", action="store_true", help="show the harness's and datasets' own logs and bars")
 
 
 def add_parser(sub) -> None:

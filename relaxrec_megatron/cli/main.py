@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from ..console import quiet_third_party
+from ..console import VERBOSE_ENV, quiet_third_party
 from ..errors import RankError, UserError
 from ..runtime import environment, library_settings
 from . import bench, compare, convert, data, demo, evaluate, export, generate, params, plan, train
@@ -31,8 +31,9 @@ def main(argv: list[str] | None = None) -> int:
         from ..training.stops import StopSignals
 
         StopSignals.for_this_process()
+    asked = {VERBOSE_ENV: "1"} if getattr(args, "verbose", False) else {}  # a command's --verbose
     try:
-        with environment(library_settings()):
+        with environment(asked, replace=True), environment(library_settings()):
             quiet_third_party()
             return int(args.run(args) or 0)
     except UserError as e:  # every rank of a run raises a UserError, and rank 0 says it; a RankError its rank
