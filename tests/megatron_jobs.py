@@ -213,6 +213,20 @@ def train_job(config_path: str, overrides: list[str], out_path: str, nan_steps=(
     torch.save(records, f"{out_path}.rank{dist.get_rank()}.pt")
 
 
+def hub_train_job(config_path: str, overrides: list[str], out_path: str, hub_cache: str, empty_cache: str) -> None:
+    """train_entry with the hub offline and its cache on rank 0 only, as on nodes with caches of their
+    own: a rank but 0 that asked the hub would fail."""
+    import os
+
+    import huggingface_hub.constants as hub
+
+    from relaxrec_megatron.training.run import train_entry
+
+    hub.HF_HUB_OFFLINE = True
+    hub.HF_HUB_CACHE = hub_cache if os.environ["RANK"] == "0" else empty_cache
+    train_entry(config_path, overrides, out_path)
+
+
 def allocations(trainer) -> dict:
     """Bytes this rank holds, read off the tensors: the student's and teacher's parameters, the fp32
     copies the inner optimizer steps on (not the model's own tensors) and their Adam moments."""

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from tiny import save_token_corpus
+from tiny import cache_repo, save_token_corpus
 
 from relaxrec_megatron.cli.main import main
 from relaxrec_megatron.model.reference import USES, Kind
@@ -116,15 +116,6 @@ for key, args in json.loads(sys.argv[1]).items():
     results[key] = [rc, [line for line in err.getvalue().splitlines() if line.startswith('relaxrec ')]]
 print(json.dumps(results), flush=True)
 """
-
-
-def cache_repo(cache: Path, repo: str, folder: Path) -> None:
-    """`repo` as huggingface_hub keeps it in its cache: refs/main -> snapshots/<commit>/."""
-    commit = "0" * 40
-    base = cache / f"models--{repo.replace('/', '--')}"
-    shutil.copytree(folder, base / "snapshots" / commit)
-    (base / "refs").mkdir()
-    (base / "refs" / "main").write_text(commit)
 
 
 @pytest.mark.slow

@@ -3,13 +3,14 @@ crash-safe checkpoints, non-finite steps, stops agreed by every rank. Resuming a
 the losses of an uninterrupted one: test_launch, through torchrun."""
 
 
+import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from megatron_jobs import train_job
-from tiny import save_run_config, save_token_corpus
+from tiny import cache_repo, save_run_config, save_token_corpus
 
 from relaxrec_megatron.model.steps import latest_checkpoint
 from relaxrec_megatron.parallel.local_world import run_world
@@ -164,6 +165,32 @@ def test_training_checkpoint_exports_to_hf_with_the_same_logits(setup, tmp_path,
     got = weights(setup / "run-from-run" / "init" / "student")
     assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
     assert [r["step"] for r in records if "loss" in r][-1] == 2
+
+
+@pytest.mark.slow
+def test_a_hub_id_as_model_relaxed_is_fetched_by_rank_0_alone_and_copied_into_the_run(setup, tiny_dirs, tmp_path):
+    """Rank 0 fetches the relaxed model into RUN/init/student; the other rank, whose hub cache is empty
+    and offline (a node of its own), trains from that copy without asking the hub."""
+    from megatron_jobs import hub_train_job
+    from safetensors.torch import load_file
+
+    from relaxrec_megatron.hf.convert import RecursionSpec, convert_to_relaxed
+
+    convert_to_relaxed(str(tiny_dirs["llama"]), tmp_path / "relaxed", RecursionSpec(loops=2, rank=4), progress=False)
+    cache_repo(tmp_path / "hub", "org/tiny-relaxed", tmp_path / "relaxed")
+    (tmp_path / "empty").mkdir()
+    run_dir = setup / "run-hub"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_world(hub_train_job, 2, str(setup / "c.yaml"),
+              [f"run.output_dir={run_dir}", "model.relaxed=org/tiny-relaxed", "optim.train_steps=2"],
+              str(setup / "hub"), str(tmp_path / "hub"), str(tmp_path / "empty"), timeout=600)
+    assert [r["step"] for r in torch.load(setup / "hub.rank1.pt", weights_only=False) if "loss" in r][-1] == 2
+    student = run_dir / "init" / "student"
+    weights = lambda folder: {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+    want, got = weights(tmp_path / "relaxed"), weights(student)
+    assert want and got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    assert json.loads((run_dir / "init" / "recipe.json").read_text())["student"] == {"relaxed": "org/tiny-relaxed"}
+    assert list((tmp_path / "empty").iterdir()) == []
 
 
 @pytest.mark.slow

@@ -85,3 +85,14 @@ eval: {{every: 0, batches: 2}}
 logging: {{every: 1, wandb_mode: disabled}}
 """)
     return path
+
+
+def cache_repo(cache: Path, repo: str, folder: Path) -> None:
+    """`repo` as huggingface_hub keeps it in its cache: refs/main -> snapshots/<commit>/."""
+    import shutil
+
+    commit = "0" * 40
+    base = cache / f"models--{repo.replace('/', '--')}"
+    shutil.copytree(folder, base / "snapshots" / commit)
+    (base / "refs").mkdir()
+    (base / "refs" / "main").write_text(commit)

@@ -29,48 +29,59 @@ class Preempted(Exception):
 
 
 def prepare_checkpoints(cfg: TrainConfig, run_dir: Path) -> tuple[Path, Path | None]:
-    """Relaxed student init and (for KD) the teacher as a 1-loop model: the source itself, exactly."""
+    """Relaxed student init and (for KD) the teacher as a 1-loop model: the source itself, exactly.
+    Rank 0 opens the models and makes what the run needs under RUN/init, on the run's shared file
+    system; the other ranks read the folders it names and never ask the hub (whose cache may be a
+    node's own, and whose request limits a thousand ranks would meet)."""
     from ..hf.convert import convert_to_relaxed
-    from ..model.reference import Kind, open_as
+    from ..model.reference import Form, Kind, open_as
     from ..recursion import RecursionSpec
     from .rundir import check_recipe, recipe, record_recipe
 
-    relaxed = open_as(cfg.model.relaxed, "model.relaxed", f"model.relaxed={cfg.model.relaxed}") \
-        if cfg.model.relaxed else None
-    from_megatron = relaxed is not None and relaxed.kind is Kind.MEGATRON
-    student = run_dir / "init" / "student" if relaxed is None or from_megatron else None
     teacher = run_dir / "init" / "teacher" if cfg.kd.enabled else None
     dtype = cfg.model.dtype
 
-    def convert() -> None:
-        source = cfg.model.source or None  # a folder, a hub id or builtin:smollm2-135m (hf.checkpoint)
-        if relaxed is not None and relaxed.kind is Kind.RELAXED:
-            relaxed.hf_folder()  # a hub id: fetched once, here
-        elif from_megatron:  # exported once; a relaunch trains on from the same export
-            made_from = {"relaxed": cfg.model.relaxed}
-            if (student / "config.json").is_file():
-                check_recipe(student, made_from)
-            else:
-                export_relaxed(cfg.model.relaxed, student)
-                record_recipe(student, made_from)
+    def made_once(folder: Path, made_from: dict, make) -> None:
+        """`make(folder)` unless a relaunch finds it made from the same recipe."""
+        if (folder / "config.json").is_file():
+            check_recipe(folder, made_from)
         else:
-            if (student / "config.json").is_file():
-                check_recipe(student, recipe(cfg, "student"))
-            else:
-                convert_to_relaxed(source, student, cfg.model.recursion, dtype=dtype, overwrite=True)
-                record_recipe(student, recipe(cfg, "student"))
+            make(folder)
+            record_recipe(folder, made_from)
+
+    def convert() -> str:
+        source = cfg.model.source or None  # a folder, a hub id or builtin:smollm2-135m (hf.checkpoint)
+        student = run_dir / "init" / "student"
+        relaxed = open_as(cfg.model.relaxed, "model.relaxed", f"model.relaxed={cfg.model.relaxed}") \
+            if cfg.model.relaxed else None
+        if relaxed is not None and relaxed.form is Form.HF_FOLDER:
+            student = relaxed.path  # trained from where it is
+        elif relaxed is not None and relaxed.kind is Kind.MEGATRON:  # exported once
+            made_once(student, {"relaxed": cfg.model.relaxed}, lambda out: export_relaxed(cfg.model.relaxed, out))
+        elif relaxed is not None:  # a hub id: fetched, and copied where every node reads it
+            made_once(student, {"relaxed": cfg.model.relaxed}, lambda out: copy_folder(relaxed.hf_folder(), out))
+        else:
+            made_once(student, recipe(cfg, "student"),
+                      lambda out: convert_to_relaxed(source, out, cfg.model.recursion, dtype=dtype, overwrite=True))
         if teacher is not None:
             if not source:
                 raise UserError("kd.enabled needs model.source (the teacher)")
-            if (teacher / "config.json").is_file():
-                check_recipe(teacher, recipe(cfg, "teacher"))
-            else:
-                convert_to_relaxed(source, teacher, RecursionSpec.one_loop(), dtype=dtype,
-                                   overwrite=True, progress=False)
-                record_recipe(teacher, recipe(cfg, "teacher"))
+            made_once(teacher, recipe(cfg, "teacher"),
+                      lambda out: convert_to_relaxed(source, out, RecursionSpec.one_loop(), dtype=dtype,
+                                                     overwrite=True, progress=False))
+        return str(student)
 
-    on_rank0(convert, cfg.model.convert_timeout_min * 60)
-    return student or relaxed.hf_folder(), teacher
+    return Path(on_rank0(convert, cfg.model.convert_timeout_min * 60)), teacher
+
+
+def copy_folder(folder: Path, out: Path) -> None:
+    """A whole copy of `folder` (the hub cache's links followed) at `out`, or none."""
+    import shutil
+
+    from ..files import atomic_output_dir
+
+    with atomic_output_dir(out, overwrite=True) as tmp:
+        shutil.copytree(folder, tmp, dirs_exist_ok=True)
 
 
 def export_relaxed(name: str, out: Path) -> None:
@@ -86,23 +97,25 @@ def export_relaxed(name: str, out: Path) -> None:
         raise UserError(f"model.relaxed={name}: its export failed: {last}")
 
 
-def on_rank0(work, timeout_s: float | None = None) -> None:
-    """`work` on rank 0 while the others wait, on the default group or, given `timeout_s`, on a group
-    with that timeout of its own; a UserError on rank 0 is raised on every rank."""
+def on_rank0(work, timeout_s: float | None = None):
+    """`work()` on rank 0 while the others wait, on the default group or, given `timeout_s`, on a group
+    with that timeout of its own; what it returns comes back on every rank, and a UserError on rank 0
+    is raised on every rank."""
     from ..parallel.distributed import long_wait_group
 
     group = long_wait_group(timeout_s) if timeout_s is not None and dist.get_world_size() > 1 else None
-    error: list = [None]
+    outcome: list = [None, None]  # error, result
     if dist.get_rank() == 0:
         try:
-            work()
+            outcome[1] = work()
         except UserError as e:
-            error[0] = str(e)
-    dist.broadcast_object_list(error, src=0, group=group)
+            outcome[0] = str(e)
+    dist.broadcast_object_list(outcome, src=0, group=group)
     if group is not None:
         dist.destroy_process_group(group)
-    if error[0]:
-        raise UserError(error[0])
+    if outcome[0]:
+        raise UserError(outcome[0])
+    return outcome[1]
 
 
 def check_data(cfg: TrainConfig) -> None:
