@@ -121,8 +121,10 @@ def pytest_configure(config):
     os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", str(system))  # pytest's own folders (tmp_path) stay there
     config.relaxrec_tmp = (system, set(os.listdir(system)), Path(tempfile.mkdtemp(prefix="relaxrec-tests-")))
     os.environ["TMPDIR"] = tempfile.tempdir = str(config.relaxrec_tmp[2])
-    # the built-in model's HF folder is made once per session there, not in the user's cache
+    # the built-in model's HF folder and the datasets' Arrow copies are made there, not in the user's caches
     os.environ["RELAXREC_CACHE"] = str(config.relaxrec_tmp[2] / "cache")
+    os.environ["HF_DATASETS_CACHE"] = str(config.relaxrec_tmp[2] / "datasets")
+    assert "datasets" not in sys.modules, "datasets read its cache folder before the session set it"
 
 
 def pytest_sessionfinish(session, exitstatus):
