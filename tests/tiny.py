@@ -3,6 +3,7 @@ a test which mixes up per-layer and shared vectors fails."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -89,8 +90,6 @@ logging: {{every: 1, wandb_mode: disabled}}
 
 def cache_repo(cache: Path, repo: str, folder: Path) -> None:
     """`repo` as huggingface_hub keeps it in its cache: refs/main -> snapshots/<commit>/."""
-    import shutil
-
     commit = "0" * 40
     base = cache / f"models--{repo.replace('/', '--')}"
     shutil.copytree(folder, base / "snapshots" / commit)

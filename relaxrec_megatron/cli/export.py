@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 
 from ..files import check_output
@@ -45,12 +46,11 @@ def run_unrolled(args) -> int:
     apply_threads(args.threads)
     ref = open_as(args.source, "export hf-unrolled")
     check_output(args.output, args.overwrite)
-    if ref.kind is Kind.MEGATRON:
-        with tempfile.TemporaryDirectory(dir=Path(args.output).expanduser().resolve().parent) as tmp:
-            export_unrolled(ref.hf_folder(Path(tmp)), args.output, dtype=args.dtype, overwrite=args.overwrite,
-                            progress=not args.quiet)
-    else:
-        export_unrolled(ref.hf_folder(), args.output, dtype=args.dtype, overwrite=args.overwrite,
+    # a Megatron checkpoint is exported to a relaxed HF folder beside the output first
+    workdir = tempfile.TemporaryDirectory(dir=Path(args.output).expanduser().resolve().parent) \
+        if ref.kind is Kind.MEGATRON else nullcontext()
+    with workdir as tmp:
+        export_unrolled(ref.hf_folder(Path(tmp) if tmp else None), args.output, dtype=args.dtype, overwrite=args.overwrite,
                         progress=not args.quiet)
     if not args.quiet:
         print(f"wrote {args.output}")

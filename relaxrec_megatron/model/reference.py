@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import enum
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
@@ -93,6 +93,7 @@ class ModelRef:
     form: Form
     path: Path | None  # the HF folder or the Megatron dist checkpoint; None for a hub id and the built-in
     source_model: str | None = None  # what a relaxed or Megatron checkpoint was converted from
+    read: dict | None = field(default=None, repr=False, compare=False)  # the config opening it read
 
     def check(self, use: str, what: str | None = None) -> ModelRef:
         """This reference, if `use` takes its kind; else one line (naming it as `what`, default its name)."""
@@ -105,9 +106,9 @@ class ModelRef:
 
     def config(self) -> dict:
         """config.json (of a Megatron checkpoint: the relaxed HF config beside it)."""
-        if self.kind is Kind.MEGATRON:
-            return _read_json(self.path / CONFIG_FILE)
-        if self.form is Form.HUB:
+        if self.read is not None:
+            return dict(self.read)
+        if self.form is Form.HUB:  # a shipped model's, which ships with the package
             from ..shipped import hf_config
 
             return hf_config(self.name)
@@ -185,13 +186,14 @@ def _local(name: str, path: Path) -> ModelRef:
         raise UserError(f"{name}: not a checkpoint; pass {ACCEPTED}")
     cfg = _read_json(config)
     if cfg.get("model_type") == RELAXED_MODEL_TYPE:
-        return ModelRef(name, Kind.RELAXED, Form.HF_FOLDER, path, cfg.get("source_model"))
-    return ModelRef(name, Kind.ORIGINAL, Form.HF_FOLDER, path)
+        return ModelRef(name, Kind.RELAXED, Form.HF_FOLDER, path, cfg.get("source_model"), cfg)
+    return ModelRef(name, Kind.ORIGINAL, Form.HF_FOLDER, path, read=cfg)
 
 
 def _megatron(name: str, path: Path) -> ModelRef | None:
     def ref(ckpt: Path, form: Form) -> ModelRef:
-        return ModelRef(name, Kind.MEGATRON, form, ckpt, _read_json(ckpt / CONFIG_FILE).get("source_model"))
+        cfg = _read_json(ckpt / CONFIG_FILE)
+        return ModelRef(name, Kind.MEGATRON, form, ckpt, cfg.get("source_model"), cfg)
 
     if (path / CONFIG_FILE).is_file():
         return ref(path, Form.DIST)
@@ -224,8 +226,8 @@ def _hub(name: str) -> ModelRef:
         raise UserError(f"cannot fetch {name!r} from the hub ({type(e).__name__}: {str(e).splitlines()[0]}); "
                         "pass a local checkpoint folder instead") from None
     if cfg.get("model_type") == RELAXED_MODEL_TYPE:
-        return ModelRef(name, Kind.RELAXED, Form.HUB, None, cfg.get("source_model"))
-    return ModelRef(name, Kind.ORIGINAL, Form.HUB, None)
+        return ModelRef(name, Kind.RELAXED, Form.HUB, None, cfg.get("source_model"), cfg)
+    return ModelRef(name, Kind.ORIGINAL, Form.HUB, None, read=cfg)
 
 
 def _read_json(path: Path) -> dict:

@@ -54,15 +54,15 @@ def prepare_checkpoints(cfg: TrainConfig, run_dir: Path) -> tuple[Path, Path | N
         student = run_dir / "init" / "student"
         relaxed = open_as(cfg.model.relaxed, "model.relaxed", f"model.relaxed={cfg.model.relaxed}") \
             if cfg.model.relaxed else None
-        if relaxed is not None and relaxed.form is Form.HF_FOLDER:
-            student = relaxed.path  # trained from where it is
-        elif relaxed is not None and relaxed.kind is Kind.MEGATRON:  # exported once
-            made_once(student, {"relaxed": cfg.model.relaxed}, lambda out: export_relaxed(cfg.model.relaxed, out))
-        elif relaxed is not None:  # a hub id: fetched, and copied where every node reads it
-            made_once(student, {"relaxed": cfg.model.relaxed}, lambda out: copy_folder(relaxed.hf_folder(), out))
-        else:
+        if relaxed is None:
             made_once(student, recipe(cfg, "student"),
                       lambda out: convert_to_relaxed(source, out, cfg.model.recursion, dtype=dtype, overwrite=True))
+        elif relaxed.form is Form.HF_FOLDER:
+            student = relaxed.path  # trained from where it is
+        elif relaxed.kind is Kind.MEGATRON:  # exported once
+            made_once(student, {"relaxed": cfg.model.relaxed}, lambda out: export_relaxed(cfg.model.relaxed, out))
+        else:  # a hub id: fetched, and copied where every node reads it
+            made_once(student, {"relaxed": cfg.model.relaxed}, lambda out: copy_folder(relaxed.hf_folder(), out))
         if teacher is not None:
             if not source:
                 raise UserError("kd.enabled needs model.source (the teacher)")
